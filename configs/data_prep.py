@@ -1,18 +1,22 @@
-r"""Data preparation: WildChat rows -> conversations, users and user-level splits.
+r"""Data preparation: WildChat rows -> conversations, users and user-level splits, then
+follow-up labels, personas and user-guided rewrite pairs through an LLM.
 
 On the bundled sample (offline, seconds):
 
   python -m experiments.prepare_data --config configs/data_prep.py:sample \
-      --workdir /tmp/rlhi/data --stage ingest
+      --workdir /tmp/rlhi/data --stage all
 
 On WildChat-1M from the hub (or a local parquet/JSONL copy):
 
   python -m experiments.prepare_data --config configs/data_prep.py \
-      --config.ingest.source=allenai/WildChat-1M --workdir gs://.../data --stage ingest
+      --config.ingest.source=allenai/WildChat-1M --workdir /data/rlhi --stage all \
+      --config.client.base_url=http://127.0.0.1:8000/v1 \
+      --config.client.model=meta-llama/Llama-3.1-70B-Instruct
 
 Variants (after the colon, comma-separated):
   sample        the bundled sample; keeps English and Spanish (one sample user writes
-                Spanish) and uses split fractions suited to 26 users.
+                Spanish), uses split fractions suited to 26 users, and the `reference`
+                client: hand-written labels, personas and rewrites, no model.
   min_turns=N   drop conversations with fewer than N user turns.
   user_agent    group users by hashed IP and user agent instead of hashed IP alone.
 """
@@ -20,6 +24,8 @@ Variants (after the colon, comma-separated):
 import ml_collections
 
 from configs import common
+from rlhi.data import classify
+from rlhi.data import client as client_lib
 from rlhi.data import wildchat
 
 
@@ -44,11 +50,50 @@ def get_config(arg=None):
       num_targets=2,
       target_fraction=0.4,
       targets_after="",  # ISO time, for target_rule=after
-      min_history=2,
   ))
+
+  # The LLM that classifies, writes personas and rewrites: any OpenAI-compatible server
+  # (rlhi/data/client.py documents every field). The key is read from the environment
+  # variable named here, never from a file.
+  config.client = client_lib.default_config()
+  config.client.base_url = "http://127.0.0.1:8000/v1"
+  config.client.model = "meta-llama/Llama-3.1-70B-Instruct"
+  config.client.api_key_env = ""  # e.g. "OPENAI_API_KEY" for a hosted API
+
+  config.classify = ml_collections.ConfigDict(dict(
+      labels=dict(classify.DEFAULT_LABELS),  # name -> description, shown to the LLM
+      actionable_labels=classify.DEFAULT_ACTIONABLE,
+      context_messages=4,
+      max_chars_per_message=2000,
+      max_tokens=256,
+  ))
+  config.persona = ml_collections.ConfigDict(dict(
+      max_conversations=20,  # newest K history conversations
+      max_chars_per_conversation=3000,
+      max_words=200,
+      min_history=2,  # fewer history conversations: no persona (counted)
+      max_tokens=512,
+  ))
+  config.rewrites = ml_collections.ConfigDict(dict(
+      mode="feedback",  # 'scratch': the rewrites-from-scratch baseline
+      use_persona=True,
+      rejected="original",  # 'regenerate': the base policy answers (policy_client)
+      max_identical_ratio=0.95,
+      max_quoted_words=8,
+      context_messages=6,
+      max_tokens=1024,
+      temperature=0.0,
+      regenerate_temperature=0.7,
+  ))
+  # The base policy, for rewrites.rejected='regenerate' (e.g. vLLM serving it).
+  config.policy_client = client_lib.default_config()
+  config.policy_client.model = "meta-llama/Llama-3.1-8B-Instruct"
 
   if arg.sample:
     config.ingest.source = wildchat.SAMPLE_ROWS
     config.ingest.languages = ("English", "Spanish")
     config.ingest.split_fractions = dict(train=0.6, val=0.15, test=0.25)
+    # Offline: answers hand-written for the sample (labels, personas, rewrites).
+    config.client = client_lib.default_config()
+    config.client.backend = "reference"
   return config

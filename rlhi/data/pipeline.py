@@ -1,6 +1,14 @@
 """Data-preparation stages over a work directory, each resumable and fully accounted.
 
     ingest    WildChat rows -> conversations.jsonl, users.jsonl, splits.json
+    classify  every user follow-up -> follow_ups.jsonl (label, actionable, feedback)
+    persona   each user's history -> personas.jsonl
+    rewrites  actionable target follow-ups -> pairs_rewrites.<split>.jsonl and an HF
+              DatasetDict in TRL's conversational format (pairs_rewrites_hf/)
+
+The LLM stages ask the inference client of `config.client` (rlhi/data/client.py) through
+a request cache in `<workdir>/llm_cache.sqlite`: a re-run, or a run resumed after a
+crash, sends no request that already succeeded, so resuming is re-running.
 
 Each stage reads the files of the stages before it from `workdir`, writes its outputs
 and a `<stage>_rejects.jsonl`, and a report as `<stage>_report.json` and `.md`. Every
@@ -15,14 +23,26 @@ import json
 import os
 from typing import Any, Mapping
 
+import collections
+import re
+
 import tqdm
 
+from rlhi.data import classify
+from rlhi.data import client as client_lib
+from rlhi.data import persona
+from rlhi.data import rewrites
 from rlhi.data import schema
 from rlhi.data import wildchat
 
 CONVERSATIONS = "conversations.jsonl"
 USERS = "users.jsonl"
 SPLITS = "splits.json"
+FOLLOW_UPS = "follow_ups.jsonl"
+PERSONAS = "personas.jsonl"
+PAIRS = "pairs_rewrites.{split}.jsonl"
+PAIRS_HF = "pairs_rewrites_hf"
+LLM_CACHE = "llm_cache.sqlite"
 
 
 def write_json(path: str, data: Any) -> None:
@@ -96,7 +116,7 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
       if rejected else "None.", "",
       "## Users and conversations per split", "",
   ]
-  cols = ["users", "users_with_enough_history", "history_conversations",
+  cols = ["users", "users_without_history", "history_conversations",
           "target_conversations", "history_follow_ups", "target_follow_ups"]
   lines.append(_md_table(["split"] + cols, [
       [s] + [report["splits"][s].get(c, 0) for c in cols] for s in schema.SPLITS]))
@@ -106,11 +126,214 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-STAGES = {"ingest": run_ingest}
+# ----------------------------------------------------------------------------------------
+# The LLM stages.
+# ----------------------------------------------------------------------------------------
+
+
+def _read(workdir: str, name: str, cls, stage: str):
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: stage '{stage}' needs the outputs of the "
+                            f"stages before it in the same --workdir")
+  return schema.read_jsonl(path, cls)
+
+
+def make_client(client_cfg, workdir: str) -> client_lib.InferenceClient:
+  return client_lib.make_client(client_cfg, cache_path=os.path.join(workdir, LLM_CACHE))
+
+
+def reason_code(reason: str) -> str:
+  """'near_identical (similarity 0.97 ...)' -> 'near_identical'; 'request failed: x'
+  -> 'request_failed'."""
+  m = re.match(r"[A-Za-z_ ]+", reason)
+  return (m.group(0) if m else "other").strip().replace(" ", "_")
+
+
+def _rejects(stage: str, failed: dict[str, str]) -> list[schema.Reject]:
+  return [schema.Reject(source=stage, line=i, reason=reason_code(reason), detail=reason,
+                        key=key)
+          for i, (key, reason) in enumerate(sorted(failed.items()), start=1)]
+
+
+def _client_section(client: client_lib.InferenceClient) -> dict[str, Any]:
+  return {"client": client.name, "requests": client.stats()}
+
+
+def _client_markdown(report: Mapping[str, Any]) -> list[str]:
+  s = report["requests"]
+  return ["## Inference", "", f"Client: {report['client']}", "",
+          _md_table(["items asked", "HTTP sent", "from cache", "failed", "retries",
+                     "prompt tokens", "completion tokens"],
+                    [[s["requests"], s["sent"], s["cached"], s["failed"], s["retries"],
+                      s["prompt_tokens"], s["completion_tokens"]]]), ""]
+
+
+def _rejects_markdown(rejected: Mapping[str, int]) -> list[str]:
+  return ["## Rejected", "",
+          _md_table(["reason", "items"], [[k, v] for k, v in rejected.items()])
+          if rejected else "None.", ""]
+
+
+def run_classify(cfg, workdir: str) -> dict[str, Any]:
+  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "classify")
+  users = _read(workdir, USERS, schema.User, "classify")
+  ccfg = classify.ClassifyConfig.from_config(cfg.classify)
+  with make_client(cfg.client, workdir) as client:
+    follow_ups, failed = classify.classify(client, conversations, users, ccfg)
+    report = _client_section(client)
+  schema.write_jsonl(os.path.join(workdir, FOLLOW_UPS), follow_ups)
+  rejects = _rejects("classify", failed)
+  schema.write_jsonl(os.path.join(workdir, "classify_rejects.jsonl"), rejects)
+
+  labels = [name for name, _ in ccfg.labels]
+  by_part = {p: collections.Counter(f.label for f in follow_ups if f.part == p)
+             for p in ("history", "target")}
+  actionable = collections.Counter((f.split, f.part) for f in follow_ups if f.actionable)
+  total = collections.Counter((f.split, f.part) for f in follow_ups)
+  report.update({
+      "follow_ups": len(follow_ups) + len(failed),
+      "classified": len(follow_ups),
+      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      "labels": {p: {l: by_part[p][l] for l in labels} for p in by_part},
+      "actionable": sum(actionable.values()),
+      "actionable_share": round(sum(actionable.values()) / max(1, len(follow_ups)), 4),
+      "actionable_by_split": {
+          f"{s}/{p}": f"{actionable[s, p]}/{total[s, p]}"
+          for s in schema.SPLITS for p in ("history", "target") if total[s, p]},
+  })
+  md = ["# Follow-up classification", "",
+        f"Follow-ups: {report['follow_ups']}; classified: {report['classified']}; "
+        f"actionable: {report['actionable']} ({100 * report['actionable_share']:.1f}%).",
+        "", "## Labels", "",
+        _md_table(["label", "history", "target", "all"],
+                  [[l, by_part["history"][l], by_part["target"][l],
+                    by_part["history"][l] + by_part["target"][l]] for l in labels]),
+        "", "## Actionable by split", "",
+        _md_table(["split/part", "actionable/classified"],
+                  [[k, v] for k, v in report["actionable_by_split"].items()]), ""]
+  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  write_report(workdir, "classify", report, "\n".join(md))
+  return report
+
+
+def run_persona(cfg, workdir: str) -> dict[str, Any]:
+  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "persona")
+  users = _read(workdir, USERS, schema.User, "persona")
+  pcfg = persona.PersonaConfig.from_config(cfg.persona)
+  with make_client(cfg.client, workdir) as client:
+    personas, skipped = persona.infer_personas(client, users, conversations, pcfg)
+    report = _client_section(client)
+  schema.write_jsonl(os.path.join(workdir, PERSONAS), personas)
+  rejects = _rejects("persona", skipped)
+  schema.write_jsonl(os.path.join(workdir, "persona_rejects.jsonl"), rejects)
+  words = [len(p.to_text().split()) for p in personas]
+  split_of = {u.user_id: u.split for u in users}
+  report.update({
+      "users": len(users),
+      "personas": len(personas),
+      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      "personas_by_split": dict(collections.Counter(split_of[p.user_id]
+                                                    for p in personas)),
+      "mean_words": round(sum(words) / max(1, len(words)), 1),
+      "max_words": max(words, default=0),
+  })
+  md = ["# Personas", "",
+        f"Users: {len(users)}; personas built: {len(personas)} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(report['personas_by_split'].items()))}); "
+        f"words per persona: mean {report['mean_words']}, max {report['max_words']} "
+        f"(cap {pcfg.max_words}).", ""]
+  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  write_report(workdir, "persona", report, "\n".join(md))
+  return report
+
+
+def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
+  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "rewrites")
+  follow_ups = _read(workdir, FOLLOW_UPS, schema.FollowUp, "rewrites")
+  personas = {p.user_id: p for p in _read(workdir, PERSONAS, schema.Persona, "rewrites")}
+  rcfg = rewrites.RewriteConfig.from_config(cfg.rewrites)
+  policy = (make_client(cfg.policy_client, workdir) if rcfg.rejected == "regenerate"
+            else None)
+  try:
+    with make_client(cfg.client, workdir) as client:
+      pairs, failed = rewrites.make_pairs(client, follow_ups, conversations, personas,
+                                          rcfg, policy_client=policy)
+      report = _client_section(client)
+  finally:
+    if policy is not None:
+      policy.close()
+  for split in schema.SPLITS:
+    schema.write_jsonl(os.path.join(workdir, PAIRS.format(split=split)),
+                       [p for p in pairs if p.split == split])
+  rejects = _rejects("rewrites", failed)
+  schema.write_jsonl(os.path.join(workdir, "rewrites_rejects.jsonl"), rejects)
+  save_pairs_hf(pairs, os.path.join(workdir, PAIRS_HF))
+  by_split = collections.Counter(p.split for p in pairs)
+  report.update({
+      "mode": rcfg.mode,
+      "rejected_answer": rcfg.rejected,
+      "actionable_targets": len(pairs) + len(failed),
+      "pairs": len(pairs),
+      "pairs_by_split": {s: by_split[s] for s in schema.SPLITS},
+      "pairs_without_persona": sum(p.persona is None for p in pairs),
+      "pairs_by_label": dict(sorted(collections.Counter(p.label for p in pairs).items())),
+      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+  })
+  md = ["# User-guided rewrites", "",
+        f"Actionable target follow-ups: {report['actionable_targets']}; pairs kept: "
+        f"{len(pairs)} (train {by_split['train']}, val {by_split['val']}, test "
+        f"{by_split['test']}); without persona: {report['pairs_without_persona']}. "
+        f"Mode: {rcfg.mode}; rejected answer: {rcfg.rejected}.", "",
+        _md_table(["label", "pairs"], [[k, v] for k, v in
+                                        report["pairs_by_label"].items()]), ""]
+  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  write_report(workdir, "rewrites", report, "\n".join(md))
+  return report
+
+
+def save_pairs_hf(pairs, path: str) -> None:
+  """An HF DatasetDict (one split per user split) in TRL's conversational format:
+  prompt/chosen/rejected message lists (prompt without the persona), plus persona and
+  provenance columns."""
+  import datasets  # pylint: disable=g-import-not-at-top  (heavy)
+  splits = {}
+  for split in schema.SPLITS:
+    rows = []
+    for p in pairs:
+      if p.split != split:
+        continue
+      row = p.to_trl(with_persona=False)
+      row.update(persona=p.persona, pair_id=p.pair_id, user_id=p.user_id,
+                 source=p.source, conversation_hash=p.conversation_hash,
+                 message_index=p.message_index, label=p.label, feedback=p.feedback)
+      rows.append(row)
+    features = _pair_features()
+    # from_dict, not from_list: a split can be empty and still needs its columns.
+    splits[split] = datasets.Dataset.from_dict(
+        {name: [r[name] for r in rows] for name in features}, features=features)
+  # One shard per split even when empty: datasets cannot load a split of zero shards.
+  datasets.DatasetDict(splits).save_to_disk(path, num_shards={s: 1 for s in splits})
+
+
+def _pair_features():  # pylint: disable=invalid-name
+  import datasets  # pylint: disable=g-import-not-at-top
+  message = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+  return datasets.Features({
+      "prompt": message, "chosen": message, "rejected": message,
+      "persona": datasets.Value("string"), "pair_id": datasets.Value("string"),
+      "user_id": datasets.Value("string"), "source": datasets.Value("string"),
+      "conversation_hash": datasets.Value("string"),
+      "message_index": datasets.Value("int64"), "label": datasets.Value("string"),
+      "feedback": datasets.Value("string")})
+
+
+STAGES = {"ingest": run_ingest, "classify": run_classify, "persona": run_persona,
+          "rewrites": run_rewrites}
 
 
 def run_stage(stage: str, cfg, workdir: str) -> dict[str, Any]:
-  """Runs one stage with its section of the data-prep config."""
+  """Runs one stage with the data-prep config (see configs/data_prep.py)."""
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
   if stage == "ingest":

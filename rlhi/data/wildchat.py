@@ -66,7 +66,6 @@ class IngestConfig:
   num_targets: int = 2  # last_k: the newest k conversations are targets
   target_fraction: float = 0.4  # fraction: the newest ceil(f * n) are targets
   targets_after: str = ""  # after: conversations starting at/after this ISO time
-  min_history: int = 2  # users with fewer history conversations get no persona
 
   def __post_init__(self):
     bad = [k for k in self.user_key if k not in _USER_KEY_FIELDS]
@@ -397,12 +396,11 @@ def ingest(rows: Iterable[tuple[str, int, dict[str, Any] | None, Reject | None]]
 
   conversations, users = build_users(kept, cfg)
   return IngestResult(conversations, users, rejects,
-                      _counts(rows_read, conversations, users, rejects, cfg))
+                      _counts(rows_read, conversations, users, rejects))
 
 
 def _counts(rows_read: int, conversations: Sequence[Conversation],
-            users: Sequence[User], rejects: Sequence[Reject], cfg: IngestConfig
-            ) -> dict[str, Any]:
+            users: Sequence[User], rejects: Sequence[Reject]) -> dict[str, Any]:
   by_reason = collections.Counter(r.reason for r in rejects)
   turns = collections.Counter(len(c.messages) // 2 for c in conversations)
   conv_by_hash = {c.conversation_hash: c for c in conversations}
@@ -411,7 +409,7 @@ def _counts(rows_read: int, conversations: Sequence[Conversation],
   for u in users:
     c = per_split[u.split]
     c["users"] += 1
-    c["users_with_enough_history"] += len(u.history) >= cfg.min_history
+    c["users_without_history"] += not u.history
     for part, hashes in (("history", u.history), ("target", u.targets)):
       c[f"{part}_conversations"] += len(hashes)
       c[f"{part}_follow_ups"] += sum(

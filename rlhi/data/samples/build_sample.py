@@ -174,6 +174,8 @@ def filtered_rows(users: dict[str, dict[str, Any]], index: dict[str, int]
                   ) -> list[dict[str, Any]]:
   rows = []
   for uid, language, toxic, duplicate, conv in _FILTERED:
+    if uid not in users:
+      raise KeyError(f"source/: user {uid} (used by a filtered row) is missing")
     user = users[uid]
     if duplicate:
       rows.append(make_row(user, index[uid], user["conversations"][0]))
@@ -215,7 +217,7 @@ def malformed_lines(good: list[dict[str, Any]]) -> list[bytes]:
   return lines
 
 
-def main() -> None:
+def main(out_dir: str = HERE) -> None:
   users = load_users()
   by_id = {u["id"]: u for u in users}
   index = {u["id"]: i for i, u in enumerate(users)}
@@ -234,7 +236,7 @@ def main() -> None:
   rows.sort(key=lambda r: (r["timestamp"], r["conversation_hash"]))
 
   def write(name: str, lines: list[bytes]) -> None:
-    with open(os.path.join(HERE, name), "wb") as f:
+    with open(os.path.join(out_dir, name), "wb") as f:
       f.write(b"".join(line + b"\n" for line in lines))
 
   write("wildchat_sample.jsonl",

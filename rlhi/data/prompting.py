@@ -1,0 +1,122 @@
+"""Prompt templates (files under prompts/) and strict JSON answers with one re-ask.
+
+A model's JSON answer is parsed and validated by a stage-specific function. When it does
+not parse or fails validation, the model is asked once more with the reason appended to
+the conversation; if the second answer fails too, the item is rejected with both
+reasons. Nothing is guessed or repaired beyond stripping a Markdown code fence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any, Callable, Sequence, TypeVar
+
+import jinja2
+
+from rlhi.data.client import ChatRequest, InferenceClient
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=None)
+def _environment(directory: str) -> jinja2.Environment:
+  return jinja2.Environment(
+      loader=jinja2.FileSystemLoader(directory), undefined=jinja2.StrictUndefined,
+      keep_trailing_newline=False, autoescape=False)
+
+
+def render(name: str, directory: str = "", **variables: Any) -> str:
+  """Renders prompts/<name>.txt (or <directory>/<name>.txt) with jinja2, strictly."""
+  return _environment(directory or PROMPTS_DIR).get_template(f"{name}.txt").render(
+      **variables).strip()
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*?)\n\s*```\s*$", re.DOTALL)
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+  """The JSON object in `text` (optionally inside one ``` fence); ValueError if none."""
+  m = _FENCE.match(text)
+  if m:
+    text = m.group(1)
+  try:
+    obj = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+                     ) from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def require(obj: dict[str, Any], name: str, tp: type, *, non_empty: bool = False) -> Any:
+  """obj[name] checked to be of type tp (lists: of strings); ValueError naming it."""
+  if name not in obj:
+    raise ValueError(f"missing field '{name}'")
+  value = obj[name]
+  ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+  if ok and tp is list:
+    ok = all(isinstance(v, str) for v in value)
+  if not ok:
+    want = "a list of strings" if tp is list else tp.__name__
+    raise ValueError(f"field '{name}': expected {want}, got {json.dumps(value)[:60]}")
+  if non_empty and not (value.strip() if isinstance(value, str) else value):
+    raise ValueError(f"field '{name}' is empty")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class JsonItem:
+  key: str  # ChatRequest.key, e.g. 'classify/<hash>/<index>'
+  prompt: str  # the rendered user message
+
+
+def ask_json(client: InferenceClient, items: Sequence[JsonItem],
+             validate: Callable[[dict[str, Any]], T], *, desc: str,
+             max_tokens: int = 512, temperature: float = 0.0
+             ) -> tuple[dict[str, T], dict[str, str]]:
+  """Asks for a JSON answer per item; returns ({key: record}, {key: reject reason})."""
+
+  def request(key: str, messages: list[dict[str, str]]) -> ChatRequest:
+    return ChatRequest(key=key, messages=tuple(messages), temperature=temperature,
+                       max_tokens=max_tokens, json_mode=True)
+
+  def check(text: str) -> T:
+    return validate(parse_json_object(text))
+
+  done: dict[str, T] = {}
+  failed: dict[str, str] = {}
+  retry: list[tuple[JsonItem, str, str]] = []  # (item, bad answer, reason)
+  first = client.chat([request(i.key, [{"role": "user", "content": i.prompt}])
+                       for i in items], desc=desc)
+  for item, res in zip(items, first):
+    if res.text is None:
+      failed[item.key] = f"request failed: {res.error}"
+      continue
+    try:
+      done[item.key] = check(res.text)
+    except ValueError as e:
+      retry.append((item, res.text, str(e)))
+
+  if retry:
+    second = client.chat([
+        request(f"{item.key}/reask", [
+            {"role": "user", "content": item.prompt},
+            {"role": "assistant", "content": bad},
+            {"role": "user", "content": render("reask", reason=reason)}])
+        for item, bad, reason in retry], desc=f"{desc} (re-ask)")
+    for (item, _, reason), res in zip(retry, second):
+      if res.text is None:
+        failed[item.key] = f"invalid answer ({reason}); re-ask failed: {res.error}"
+        continue
+      try:
+        done[item.key] = check(res.text)
+      except ValueError as e:
+        failed[item.key] = f"invalid answer ({reason}); after re-ask: {e}"
+  return done, failed
