@@ -1,0 +1,115 @@
+"""Train state and the update step shared by every objective (SFT, reward model, DPO).
+
+A loss function is pure and returns sums, not means, so that gradient accumulation and
+multi-host averaging are exact however a batch is split:
+
+    loss_fn(params, batch, rng) -> (loss_sum, (denominator, {name: (sum, count)}))
+
+The optimised loss is sum(loss_sum) / sum(denominator) over the whole global batch (the
+denominator counts tokens for SFT, pairs for RM/DPO). With `accum_steps` = k the batch
+is split into k strided microbatches and the gradients of the sums are added before
+dividing once, so k x b equals 1 x kb up to float rounding.
+
+A step whose loss or gradient norm is not finite leaves the state unchanged and reports
+`finite = 0`; the training loop stops on it with a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Metrics = dict[str, tuple[jax.Array, jax.Array]]
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, tuple[jax.Array, Metrics]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2], a raw PRNG key (checkpointable as a plain array)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int
+               ) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+
+
+def _microbatches(batch: Any, k: int) -> Any:
+  """[B, ...] -> [k, B/k, ...]; microbatch j takes rows j, j+k, ... so that each one is
+  spread over all devices of a batch-sharded array rather than a contiguous block."""
+  def split(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by accum_steps {k}")
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def sums_and_grads(loss_fn: LossFn, params: Any, batch: Any, rng: jax.Array,
+                   accum_steps: int = 1) -> tuple[jax.Array, jax.Array, Metrics, Any]:
+  """(loss_sum, denominator, metric sums, gradient of loss_sum) over the batch."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (num, (den, metrics)), grads = grad_fn(params, batch, rng)
+    return num, den, metrics, grads
+
+  def body(carry, xs):
+    mb, i = xs
+    (num, (den, metrics)), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+    return jax.tree.map(jnp.add, carry, (num, den, metrics, grads)), None
+
+  mbs = _microbatches(batch, accum_steps)
+  first = jax.tree.map(lambda x: x[0], mbs)
+  shapes = jax.eval_shape(lambda: grad_fn(params, first, rng))
+  (num_s, (den_s, met_s)), grad_s = shapes
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       (num_s, den_s, met_s, grad_s))
+  total, _ = jax.lax.scan(body, zeros, (mbs, jnp.arange(accum_steps)))
+  return total
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
+                    accum_steps: int = 1):
+  """(state, batch) -> (state, metrics); jit it with donate_argnums=0."""
+
+  def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+    rng, step_rng = jax.random.split(state.rng)
+    step_rng = jax.random.fold_in(step_rng, state.step)
+    num, den, sums, grads = sums_and_grads(loss_fn, state.params, batch, step_rng,
+                                           accum_steps)
+    den = jnp.maximum(den, 1e-9)
+    grads = jax.tree.map(lambda g: g / den, grads)
+    loss = num / den
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+    # A non-finite step changes nothing (the loop then stops): no NaN reaches the
+    # parameters, the optimizer moments or a checkpoint.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32),
+               "denominator": den}
+    for name, (s, c) in sums.items():
+      metrics[name] = s / jnp.maximum(c, 1e-9)
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(loss_fn: LossFn):
+  """(params, batch, rng) -> {name: (sum, count)} including 'loss'; add these over
+  batches and divide at the end (exact across batches and hosts)."""
+
+  def eval_step(params: Any, batch: Any, rng: jax.Array) -> Metrics:
+    num, (den, sums) = loss_fn(params, batch, rng)
+    return {"loss": (num, den), **sums}
+
+  return eval_step
