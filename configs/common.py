@@ -80,3 +80,59 @@ def product(*axes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def sweep(name: str, values: Iterable[Any]) -> list[dict[str, Any]]:
   """One sweep axis: sweep('optimizer.lr', [1e-6, 3e-6]) -> [{'optimizer.lr': ...}, ...]."""
   return [{name: v} for v in values]
+
+
+# Model sizes: (batch size, mesh, remat, steps) that suit each, so that one config file
+# serves a CPU smoke run and a pod run. Pod sizes assume a v5e/v5p slice; override with
+# dotted flags.
+_SIZES = {
+    "tiny": dict(batch_size=8, mesh=dict(data=1, fsdp=-1, tensor=1), remat="none",
+                 max_length=512, buckets=(128, 256, 512)),
+    "small": dict(batch_size=16, mesh=dict(data=1, fsdp=-1, tensor=1), remat="none",
+                  max_length=1024, buckets=(256, 512, 1024)),
+    "llama3_1b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1),
+                      remat="dots_with_no_batch_dims_saveable", max_length=4096,
+                      buckets=(1024, 2048, 4096)),
+    "llama3_8b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1), remat="full",
+                      max_length=4096, buckets=(1024, 2048, 4096)),
+    "llama3_70b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=4),
+                       remat="full", max_length=4096, buckets=(2048, 4096)),
+    "qwen2_7b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1), remat="full",
+                     max_length=4096, buckets=(1024, 2048, 4096)),
+}
+
+
+def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigDict:
+  """The fields every training config shares (see rlhi/train/loop.py)."""
+  if model not in _SIZES:
+    raise ValueError(f"unknown model size {model!r}; known: {sorted(_SIZES)}")
+  size = _SIZES[model]
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      name=model,  # a named LlamaConfig (rlhi/models/llama.py)
+      init="",  # '' random; or an HF checkpoint dir (also what rlhi runs export)
+      remat_policy=size["remat"],
+      scan_layers=True,
+  ))
+  config.tokenizer = "bundled" if model in ("tiny", "small") else ""
+  config.data = ml_collections.ConfigDict(dict(
+      dir="/tmp/rlhi_demo/data",  # the data-prep workdir
+      max_length=size["max_length"],
+      max_response_length=size["max_length"] // 2,
+      bucket_lengths=size["buckets"],
+      with_persona=True,  # False: the no-persona ablation
+      system_template="About the user:\n{persona}",
+  ))
+  config.batch_size = size["batch_size"]  # global, over all hosts
+  config.accum_steps = 1
+  config.total_steps = steps
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=max(1, steps // 20), decay="cosine", end_lr_factor=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  config.mesh = ml_collections.ConfigDict(size["mesh"])
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=max(1, steps // 4), keep=2, keep_every=0, use_async=True))
+  config.log_every = max(1, min(10, steps // 10))
+  config.eval_every = max(1, steps // 2)
+  return config

@@ -1,0 +1,138 @@
+r"""Trains the persona-conditioned reward model; see configs/reward_model.py.
+
+  python -m experiments.train_reward --config configs/reward_model.py:tiny \
+      --workdir /tmp/rlhi_demo/reward
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from rlhi import inputs
+from rlhi import losses
+from rlhi import sharding
+from rlhi.data import pipeline
+from rlhi.models import llama
+from rlhi.models import reward
+from rlhi.models import tokenizer as tok_lib
+from rlhi.train import loop
+from rlhi.train import model_init
+from rlhi.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def reward_loss(config, margin: float, center_coef: float) -> step_lib.LossFn:
+  """Bradley-Terry over a batch of pairs; chosen and rejected in one forward pass."""
+
+  def loss_fn(params, batch, rng):
+    del rng
+    b = batch["chosen_tokens"].shape[0]
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+    s = reward.scores(params, config, cat("tokens"), cat("positions"),
+                      cat("segment_ids"))
+    rc, rr = s[:b], s[b:]
+    w = batch["valid"].astype(jnp.float32)
+    n = w.sum()
+    per_pair = losses.bradley_terry(rc, rr, margin, center_coef)
+    metrics = {
+        "accuracy": (((rc > rr) * w).sum(), n),
+        "margin": (((rc - rr) * w).sum(), n),
+        "reward_mean": (((rc + rr) / 2 * w).sum(), n),
+        "reward_sq": (((rc ** 2 + rr ** 2) / 2 * w).sum(), n),
+    }
+    return (per_pair * w).sum(), (n, metrics)
+
+  return loss_fn
+
+
+def with_std(metrics):
+  """reward_sq -> reward_std (from the sums, so exact over batches and hosts)."""
+  out = dict(metrics)
+  if "reward_sq" in out:
+    out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5
+  return out
+
+
+def main(argv):
+  del argv
+  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  sharding.initialize_distributed()
+
+  # ---- Tokenizer and data ------------------------------------------------------------
+  fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
+                              cfg.data.system_template)
+  def pairs(split, with_persona):
+    path = os.path.join(cfg.data.dir, pipeline.PAIRS.format(split=split))
+    examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
+                                      max_length=cfg.data.max_length,
+                                      max_response_length=cfg.data.max_response_length)
+    return examples
+  train_examples = pairs("train", cfg.data.with_persona)
+  evals = {(s, p): pairs(s, p) for s in cfg.eval_splits for p in (True, False)}
+
+  # ---- Model -------------------------------------------------------------------------
+  mconfig = model_init.model_config(cfg.model)
+  lm_abstract = llama.abstract_params(mconfig)
+
+  def init_params(shardings):
+    mesh = jax.sharding.get_mesh()
+    lm = model_init.init_llama_params(
+        cfg.model, mconfig, sharding.logical_shardings(lm_abstract, mesh), cfg.seed)
+    return jax.jit(lambda p: reward.init_params(mconfig, None, backbone=p),
+                   out_shardings=shardings)(lm)
+
+  # ---- Loss and evaluators -----------------------------------------------------------
+  loss_fn = reward_loss(mconfig, cfg.loss.margin, cfg.loss.center_coef)
+  eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
+
+  def evaluate(params, step):
+    del step
+    out = {}
+    for (split, persona), examples in evals.items():
+      m = with_std(loop.evaluate_examples(
+          eval_step, params, examples, batch_size=cfg.batch_size,
+          pad_id=fmt.pad_id, bucket_lengths=cfg.data.bucket_lengths))
+      tag = f"{split}_{'persona' if persona else 'no_persona'}"
+      out.update({f"{tag}/{k}": v for k, v in m.items()})
+    return out
+
+  result = loop.train(cfg, workdir, loop.Task(
+      name="reward", loss_fn=loss_fn, abstract_params=reward.abstract_params(mconfig),
+      init_params=init_params, train_examples=train_examples, pad_id=fmt.pad_id,
+      evaluate=evaluate))
+
+  # ---- Report ------------------------------------------------------------------------
+  if sharding.is_main_process() and not result.preempted:
+    write_report(workdir, cfg, result.final_eval, len(train_examples))
+
+
+def write_report(workdir, cfg, final, n_train):
+  rows = []
+  for split in cfg.eval_splits:
+    for p in ("persona", "no_persona"):
+      tag = f"{split}_{p}"
+      if f"{tag}/count" in final:
+        rows.append(f"| {split} | {p.replace('_', ' ')} | {int(final[f'{tag}/count'])} | "
+                    f"{final[f'{tag}/accuracy']:.3f} | {final[f'{tag}/margin']:.3f} | "
+                    f"{final[f'{tag}/loss']:.4f} |")
+  md = "\n".join([
+      "# Reward model evaluation", "",
+      f"Model: {cfg.model.name} (init: {cfg.model.init or 'random'}); trained "
+      f"{cfg.total_steps} steps on {n_train} train pairs "
+      f"({'with' if cfg.data.with_persona else 'without'} persona).", "",
+      "Held-out users' pairs, scored with the persona in the prompt and without it:", "",
+      "| split | input | pairs | accuracy | mean margin | loss |",
+      "|---|---|---|---|---|---|", *rows, ""])
+  pipeline.write_report(workdir, "eval", dict(final), md)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,765 @@
+r"""Tokenized examples -> fixed-shape, resumable batches (grain).
+
+Three layers, each usable on its own:
+
+1. Tokenization (pure, numpy int32). `tokenize_conversation` / `tokenize_completion`
+   give SFT examples {tokens, loss_mask}; `tokenize_pair` gives preference examples
+   {prompt_ids, chosen_ids, rejected_ids} for the reward model and DPO. Each returns a
+   `Tokenized` (the example, or None when it cannot fit, plus what truncation did);
+   `tokenize_conversations` / `tokenize_pairs` run them over a data set and count
+   everything in `InputStats`.
+2. Sources of tokenized examples with random access: an HF `datasets.Dataset`
+   (`hf_source`, the default) or a TFDS data set in array_record format
+   (`write_array_record_dataset` + `tfds_source`, read without TensorFlow) so that pod
+   hosts read a prepared data set from a bucket.
+3. `make_batches`: source -> this host's slice -> shuffle (seed, epoch) -> repeat ->
+   batch -> right-pad to a bucket length, as a grain `MapDataset`; `make_iterator`
+   wraps it in an iterator whose `get_state()` is a JSON-ready dict for checkpoints.
+
+Typical use::
+
+  fmt = tokenizer.ChatFormatter(tokenizer.load_tokenizer("bundled"))
+  pairs = schema.read_jsonl(f"{workdir}/pairs_rewrites.train.jsonl",
+                            schema.PreferencePair)
+  examples, stats = inputs.tokenize_pairs(fmt, pairs, with_persona=True,
+                                          max_length=1024, max_response_length=512)
+  it = inputs.make_iterator(
+      inputs.hf_source(examples), per_host_batch_size=8, pad_id=fmt.pad_id,
+      seed=0, process_index=jax.process_index(), process_count=jax.process_count())
+  batch = next(it)                   # numpy; sharding.py makes global arrays
+  checkpoint["input"] = it.get_state()
+
+See docs/inputs.md for the batch layout and the truncation rule. This module never
+imports jax: conversion to global device arrays lives in rlhi/sharding.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import grain
+import numpy as np
+
+from rlhi.data import schema
+
+DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+
+SFT_KEYS = ("tokens", "loss_mask")
+SFT_META = ("example_id", "user_id")
+PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+PAIR_META = ("pair_id", "user_id")
+SEQUENCE_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
+
+Example = dict[str, Any]
+Batch = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------
+# Truncation records and statistics.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+  """What fitting one example into `max_length` did to it."""
+  response_tokens_cut: int = 0  # summed over responses (chosen + rejected for pairs)
+  turns_dropped: int = 0  # whole context messages dropped, oldest first
+  left_tokens_cut: int = 0  # tokens cut from the left of the oldest kept turn
+  dropped: str = ""  # reason, when the example was dropped; '' when kept
+
+  @property
+  def truncated(self) -> bool:
+    return bool(self.response_tokens_cut or self.turns_dropped or self.left_tokens_cut)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+  example: Example | None  # None when dropped (see truncation.dropped)
+  truncation: Truncation
+
+
+@dataclasses.dataclass
+class InputStats:
+  """Counts over a data set; every input is either kept or dropped with a reason."""
+  examples: int = 0  # inputs seen
+  kept: int = 0
+  truncated: int = 0  # kept examples that lost any token
+  response_truncated: int = 0  # kept examples whose response was capped
+  context_truncated: int = 0  # kept examples that lost whole context turns
+  turns_dropped: int = 0  # context turns dropped, summed
+  left_truncated: int = 0  # kept examples whose oldest kept turn was cut on the left
+  dropped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+
+  def add(self, t: Truncation) -> None:
+    self.examples += 1
+    if t.dropped:
+      self.dropped[t.dropped] = self.dropped.get(t.dropped, 0) + 1
+      return
+    self.kept += 1
+    self.truncated += t.truncated
+    self.response_truncated += t.response_tokens_cut > 0
+    self.context_truncated += t.turns_dropped > 0
+    self.turns_dropped += t.turns_dropped
+    self.left_truncated += t.left_tokens_cut > 0
+
+  @property
+  def num_dropped(self) -> int:
+    return sum(self.dropped.values())
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self) | {"num_dropped": self.num_dropped}
+
+
+# ----------------------------------------------------------------------------------------
+# Turn segmentation in token space.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)  # identity: turns are told apart by object
+class _Turn:
+  role: str
+  ids: list[int]
+  mask: list[int]  # 1 on target tokens (assistant content and its end-of-turn token)
+  index: int  # message index, for rendering its header/footer on demand
+
+
+def _render(fmt, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+            ) -> list[int]:
+  # Same rendering as ChatFormatter.encode (template text, then tokens without a second
+  # BOS); encode's prompt is checked against it below, so a divergence cannot go unseen.
+  text = fmt.tok.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                     add_generation_prompt=add_generation_prompt)
+  return fmt.tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _check_prefix(short: Sequence[int], long: Sequence[int], what: str) -> None:
+  if list(long[:len(short)]) != list(short):
+    raise ValueError(
+        f"chat template: the tokens of {what} are not a prefix of the longer "
+        f"rendering, so the conversation cannot be split into turns in token space "
+        f"(turn-level truncation and loss masks need a template that renders each "
+        f"message independently of the ones after it)")
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
+def _preamble(fmt, msgs: Sequence[Mapping[str, str]], first: list[int]) -> list[int]:
+  """Tokens before the first message's own block (BOS, a template's default system).
+
+  A template cannot render zero messages, so the first message is rendered twice: the
+  second copy is its block as a later turn, and what the single rendering has before
+  that block is the preamble. Templates that refuse a repeated role fall back to BOS.
+  """
+  try:
+    twice = _render(fmt, [msgs[0], msgs[0]], False)
+    block = twice[len(first):]
+    if (twice[:len(first)] == first and 0 < len(block) <= len(first)
+        and first[len(first) - len(block):] == block):
+      return first[:len(first) - len(block)]
+  except Exception:  # pylint: disable=broad-except  (jinja raise_exception(...))
+    pass
+  bos = fmt.tok.bos_token_id
+  return [bos] if bos is not None and first[:1] == [bos] else []
+
+
+def _segment(fmt, msgs: Sequence[Mapping[str, str]], train_on_context: bool
+             ) -> tuple[list[int], list[_Turn], list[int]]:
+  """(preamble, one turn per message, assistant header) such that their concatenation
+  is the template's rendering of `msgs` with the generation prompt."""
+  renders = [_render(fmt, msgs[:k + 1], False) for k in range(len(msgs))]
+  preamble = _preamble(fmt, msgs, renders[0])
+  prev = preamble
+  turns = []
+  for k, (msg, cur) in enumerate(zip(msgs, renders)):
+    _check_prefix(prev, cur, f"messages[:{k}]")
+    ids = cur[len(prev):]
+    mask = [0] * len(ids)
+    if train_on_context and msg["role"] == "assistant":
+      mask = _assistant_mask(fmt, msgs, k, prev, cur)
+    turns.append(_Turn(msg["role"], ids, mask, k))
+    prev = cur
+  prompt = _render(fmt, msgs, True)
+  _check_prefix(prev, prompt, f"messages[:{len(msgs)}] (without the assistant header)")
+  return preamble, turns, prompt[len(prev):]
+
+
+def _assistant_mask(fmt, msgs, k: int, before: list[int], through: list[int]
+                    ) -> list[int]:
+  """1 on an assistant turn's content and end-of-turn token; 0 on its header.
+
+  The header is what the generation prompt adds after messages[:k]; anything after the
+  end-of-turn token (Qwen's newline) is template glue the model never generates.
+  """
+  if k == 0:
+    raise ValueError("conversation starts with an assistant message: its header cannot "
+                     "be told apart from the preamble")
+  header = _render(fmt, msgs[:k], True)
+  _check_prefix(before, header, f"messages[:{k}] (before assistant header)")
+  _check_prefix(header, through, f"messages[:{k}] + assistant header")
+  body = through[len(header):]
+  if fmt.eot_id not in body:
+    raise ValueError(f"chat template: no end-of-turn token after assistant message {k}")
+  n_target = body.index(fmt.eot_id) + 1
+  return ([0] * (len(header) - len(before)) + [1] * n_target
+          + [0] * (len(body) - n_target))
+
+
+def _content_span(fmt, msgs, turn: _Turn, before: list[int]) -> tuple[int, int]:
+  """[start, end) of the content inside a turn's tokens (header and footer excluded).
+
+  Found by rendering the same turn with empty content: the common prefix is the header,
+  the common suffix the footer. Merges across the boundary only shrink both, so the span
+  errs towards cutting less of the template.
+  """
+  empty = _render(fmt, list(msgs[:turn.index]) + [{"role": turn.role, "content": ""}],
+                  False)
+  _check_prefix(before, empty, f"messages[:{turn.index}] (before an empty turn)")
+  shell = empty[len(before):]
+  start = _common_prefix(shell, turn.ids)
+  footer = _common_prefix(shell[start:][::-1], turn.ids[start:][::-1])
+  return start, len(turn.ids) - footer
+
+
+def _tokenize_chat(fmt, messages: Sequence[Mapping[str, str]], completions: Sequence[str],
+                   *, persona: str | None, train_on_context: bool, max_length: int,
+                   max_response_length: int | None
+                   ) -> tuple[list[int], list[int], list[list[int]], Truncation]:
+  """Prompt ids, prompt loss mask and one response per completion, fitted to
+  `max_length` (see docs/inputs.md for the rule); truncation.dropped says when the
+  example cannot fit (its ids are then meaningless)."""
+  if max_length <= 0 or (max_response_length is not None and max_response_length <= 0):
+    raise ValueError(f"max_length ({max_length}) and max_response_length "
+                     f"({max_response_length}) must be positive")
+  msgs = fmt.messages(messages, persona)
+  preamble, turns, gen_header = _segment(fmt, msgs, train_on_context)
+  prompt = preamble + [i for t in turns for i in t.ids] + gen_header
+  responses = []
+  for completion in completions:
+    enc = fmt.encode(messages, completion, persona=persona)
+    if enc.prompt_ids != prompt:
+      raise ValueError("ChatFormatter.encode's prompt differs from the turn-by-turn "
+                       "rendering; inputs.py and tokenizer.py disagree on the template")
+    responses.append(enc.completion_ids)
+
+  response_cut = 0
+  if max_response_length is not None:
+    response_cut = sum(max(0, len(r) - max_response_length) for r in responses)
+    responses = [r[:max_response_length] for r in responses]
+  # Kept always: preamble, system (persona) turns, the last turn, the assistant header.
+  last = len(turns) - 1
+  context = [t for t in turns[:last] if t.role != "system"]
+  fixed = (len(preamble) + sum(len(t.ids) for t in turns if t not in context)
+           + len(gen_header) + max(len(r) for r in responses))
+  context_len = sum(len(t.ids) for t in context)
+  n_dropped = 0
+  while fixed + context_len > max_length and context:
+    context_len -= len(context.pop(0).ids)
+    n_dropped += 1
+  excess = fixed + context_len - max_length
+  left_cut = 0
+  if excess > 0:
+    oldest = turns[last]
+    before = _render(fmt, msgs[:last], False) if last else preamble
+    start, end = _content_span(fmt, msgs, oldest, before)
+    if oldest.role == "system" or excess >= end - start:
+      return [], [], responses, Truncation(response_cut, n_dropped, 0,
+                                           dropped="too_long")
+    oldest.ids = oldest.ids[:start] + oldest.ids[start + excess:]
+    oldest.mask = oldest.mask[:start] + oldest.mask[start + excess:]
+    left_cut = excess
+  kept = [t for t in turns if t.role == "system" or t in context or t is turns[last]]
+  prompt = preamble + [i for t in kept for i in t.ids] + gen_header
+  mask = [0] * len(preamble) + [m for t in kept for m in t.mask] + [0] * len(gen_header)
+  return prompt, mask, responses, Truncation(response_cut, n_dropped, left_cut)
+
+
+def _i32(ids: Sequence[int]) -> np.ndarray:
+  return np.asarray(ids, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# Tokenization of examples.
+# ----------------------------------------------------------------------------------------
+
+
+def tokenize_completion(fmt, messages: Sequence[Mapping[str, str]], completion: str, *,
+                        max_length: int, max_response_length: int | None = None,
+                        persona: str | None = None, example_id: str = "",
+                        user_id: str = "") -> Tokenized:
+  """SFT example from a prompt and one completion; only the completion is a target.
+
+  Args:
+    fmt: a `ChatFormatter`.
+    messages: chat messages ({'role', 'content'}), ending with the user request.
+    completion: the assistant answer to learn.
+    max_length: the longest `tokens` allowed.
+    max_response_length: the completion is capped at this many tokens (cut at the end).
+    persona: goes in as the system message (fmt.system_template).
+    example_id, user_id: metadata kept alongside.
+
+  Returns:
+    Tokenized with example {tokens: int32[n], loss_mask: int32[n], example_id, user_id}
+    where loss_mask is 1 exactly on the completion tokens (incl. end-of-turn).
+  """
+  prompt, mask, (response,), trunc = _tokenize_chat(
+      fmt, messages, [completion], persona=persona, train_on_context=False,
+      max_length=max_length, max_response_length=max_response_length)
+  if trunc.dropped:
+    return Tokenized(None, trunc)
+  return Tokenized({"tokens": _i32(prompt + response),
+                    "loss_mask": _i32(mask + [1] * len(response)),
+                    "example_id": example_id, "user_id": user_id}, trunc)
+
+
+def tokenize_conversation(fmt, conversation: schema.Conversation, *, max_length: int,
+                          max_response_length: int | None = None,
+                          persona: str | None = None) -> Tokenized:
+  """SFT example from a whole conversation; every assistant turn is a target.
+
+  The last assistant message is "the response" for truncation (capped at
+  `max_response_length`); messages after it have no target and are left out. Earlier
+  assistant turns are context: targets while kept, dropped oldest first when too long.
+
+  Returns:
+    Tokenized with example {tokens: int32[n], loss_mask: int32[n], example_id (the
+    conversation hash), user_id}; loss_mask is 1 on each assistant turn's content and
+    end-of-turn token, 0 on headers, system/persona and user turns.
+  """
+  messages = [m.to_chat() for m in conversation.messages]
+  while messages and messages[-1]["role"] != "assistant":
+    messages.pop()
+  if len(messages) < 2:
+    return Tokenized(None, Truncation(dropped="no_assistant_turn"))
+  prompt, mask, (response,), trunc = _tokenize_chat(
+      fmt, messages[:-1], [messages[-1]["content"]], persona=persona,
+      train_on_context=True, max_length=max_length,
+      max_response_length=max_response_length)
+  if trunc.dropped:
+    return Tokenized(None, trunc)
+  return Tokenized({"tokens": _i32(prompt + response),
+                    "loss_mask": _i32(mask + [1] * len(response)),
+                    "example_id": conversation.conversation_hash,
+                    "user_id": conversation.user_id}, trunc)
+
+
+def tokenize_pair(fmt, pair: schema.PreferencePair, *, with_persona: bool,
+                  max_length: int, max_response_length: int | None = None) -> Tokenized:
+  """Preference example for the reward model and DPO.
+
+  `prompt_ids + chosen_ids` (and `+ rejected_ids`) is the template's rendering of the
+  conversation; both must fit in `max_length` since they are padded to one length.
+
+  Returns:
+    Tokenized with example {prompt_ids: int32[p], chosen_ids: int32[c],
+    rejected_ids: int32[r], pair_id, user_id}.
+  """
+  persona = pair.persona if with_persona else None
+  prompt, _, (chosen, rejected), trunc = _tokenize_chat(
+      fmt, [m.to_chat() for m in pair.prompt], [pair.chosen, pair.rejected],
+      persona=persona, train_on_context=False, max_length=max_length,
+      max_response_length=max_response_length)
+  if trunc.dropped:
+    return Tokenized(None, trunc)
+  return Tokenized({"prompt_ids": _i32(prompt), "chosen_ids": _i32(chosen),
+                    "rejected_ids": _i32(rejected), "pair_id": pair.pair_id,
+                    "user_id": pair.user_id}, trunc)
+
+
+def _tokenize_all(items: Iterable[Any], fn: Callable[[Any], Tokenized], what: str
+                  ) -> tuple[list[Example], InputStats]:
+  examples, stats = [], InputStats()
+  for item in items:
+    t = fn(item)
+    stats.add(t.truncation)
+    if t.example is not None:
+      examples.append(t.example)
+  if stats.num_dropped or stats.truncated:
+    logging.info("inputs: %s: %s", what, json.dumps(stats.to_dict()))
+  return examples, stats
+
+
+def tokenize_pairs(fmt, pairs: Iterable[schema.PreferencePair], *, with_persona: bool,
+                   max_length: int, max_response_length: int | None = None
+                   ) -> tuple[list[Example], InputStats]:
+  """`tokenize_pair` over a data set; dropped pairs are counted, never silent."""
+  return _tokenize_all(
+      pairs, lambda p: tokenize_pair(fmt, p, with_persona=with_persona,
+                                     max_length=max_length,
+                                     max_response_length=max_response_length), "pairs")
+
+
+def tokenize_conversations(fmt, conversations: Iterable[schema.Conversation], *,
+                           max_length: int, max_response_length: int | None = None,
+                           personas: Mapping[str, str] | None = None
+                           ) -> tuple[list[Example], InputStats]:
+  """`tokenize_conversation` over a data set; `personas` maps user_id -> persona text."""
+  personas = personas or {}
+  return _tokenize_all(
+      conversations,
+      lambda c: tokenize_conversation(fmt, c, max_length=max_length,
+                                      max_response_length=max_response_length,
+                                      persona=personas.get(c.user_id)),
+      "conversations")
+
+
+# ----------------------------------------------------------------------------------------
+# Sources: HF datasets (default) and TFDS array_record.
+# ----------------------------------------------------------------------------------------
+
+
+def _kind(example: Mapping[str, Any]) -> str:
+  if all(k in example for k in PAIR_KEYS):
+    return "pairs"
+  if all(k in example for k in SFT_KEYS):
+    return "sft"
+  raise ValueError(f"example has keys {sorted(example)}; expected {list(SFT_KEYS)} "
+                   f"(SFT) or {list(PAIR_KEYS)} (pairs)")
+
+
+def _layout(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  return (PAIR_KEYS, PAIR_META) if kind == "pairs" else (SFT_KEYS, SFT_META)
+
+
+def _normalise(example: Mapping[str, Any]) -> Example:
+  """One form for every source: int32 arrays and Python strings (TFDS gives bytes)."""
+  ids, meta = _layout(_kind(example))
+  out = {k: np.asarray(example[k], dtype=np.int32) for k in ids}
+  for k in meta:
+    v = example.get(k, "")
+    out[k] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+  return out
+
+
+def hf_source(examples: Sequence[Example]):
+  """Tokenized examples -> `datasets.Dataset` with random access (numpy format).
+
+  `examples` is a list from `tokenize_*`, or a `datasets.Dataset` of them (e.g. saved
+  with `save_to_disk` and reloaded with `datasets.load_from_disk`).
+  """
+  import datasets  # pylint: disable=g-import-not-at-top  (heavy; TFDS users skip it)
+  if isinstance(examples, datasets.Dataset):
+    _kind({k: None for k in examples.column_names})  # checks the columns
+    return examples.with_format("numpy")
+  if not examples:
+    raise ValueError("hf_source: no examples (were they all dropped? see InputStats)")
+  ids, meta = _layout(_kind(examples[0]))
+  features = datasets.Features(
+      {k: datasets.List(datasets.Value("int32")) for k in ids}
+      | {k: datasets.Value("string") for k in meta})
+  columns = {k: [np.asarray(e[k], np.int32) for e in examples] for k in ids}
+  columns |= {k: [str(e.get(k, "")) for e in examples] for k in meta}
+  return datasets.Dataset.from_dict(columns, features=features).with_format("numpy")
+
+
+def pairs_source(path: str, fmt, *, with_persona: bool, max_length: int,
+                 max_response_length: int | None = None):
+  """`pairs_rewrites.<split>.jsonl` -> (HF source of tokenized pairs, InputStats)."""
+  pairs = schema.read_jsonl(path, schema.PreferencePair)
+  examples, stats = tokenize_pairs(fmt, pairs, with_persona=with_persona,
+                                   max_length=max_length,
+                                   max_response_length=max_response_length)
+  return hf_source(examples), stats
+
+
+def conversations_source(path: str, fmt, *, max_length: int,
+                         max_response_length: int | None = None,
+                         personas: Mapping[str, str] | None = None):
+  """`conversations.jsonl` -> (HF source of tokenized SFT examples, InputStats)."""
+  conversations = schema.read_jsonl(path, schema.Conversation)
+  examples, stats = tokenize_conversations(fmt, conversations, max_length=max_length,
+                                           max_response_length=max_response_length,
+                                           personas=personas)
+  return hf_source(examples), stats
+
+
+def _tfds_features(kind: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ids, meta = _layout(kind)
+  return tfds.features.FeaturesDict(
+      {k: tfds.features.Tensor(shape=(None,), dtype=np.int32) for k in ids}
+      | {k: tfds.features.Text() for k in meta})
+
+
+def write_array_record_dataset(splits: Mapping[str, Sequence[Example]], data_dir: str,
+                               *, name: str = "rlhi_pairs", version: str = "1.0.0",
+                               num_shards: int = 1, overwrite: bool = False) -> str:
+  """Writes tokenized examples as a TFDS data set in array_record format.
+
+  Layout: `{data_dir}/{name}/{version}/{name}-{split}.array_record-0000i-of-0000n` plus
+  dataset_info.json and features.json, readable with `tfds_source` (no TensorFlow).
+  Written with array_record and `tfds.folder_dataset.write_metadata` rather than a
+  DatasetBuilder: the builder path needs modules a TensorFlow-free install lacks.
+
+  Args:
+    splits: split name -> examples (all SFT or all pairs).
+    data_dir: a local directory; copy it to a bucket for a pod (docs/inputs.md).
+    name: TFDS data set name (snake_case).
+    version: 'x.y.z'.
+    num_shards: files per split; more shards let many hosts read in parallel.
+    overwrite: replace an existing data set of the same name and version.
+
+  Returns:
+    The data set directory.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from array_record.python import array_record_module
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ValueError(f"TFDS data set name {name!r}: expected snake_case [a-z][a-z0-9_]*")
+  kinds = {_kind(e) for examples in splits.values() for e in examples}
+  if len(kinds) != 1:
+    raise ValueError(f"write_array_record_dataset: expected examples of one kind "
+                     f"(SFT or pairs) in all splits, got {sorted(kinds) or 'none'}")
+  features = _tfds_features(kinds.pop())
+  out = os.path.join(data_dir, name, version)
+  if os.path.exists(os.path.join(out, "dataset_info.json")) and not overwrite:
+    raise FileExistsError(f"{out} already holds a data set; pass overwrite=True")
+  os.makedirs(out, exist_ok=True)
+  split_infos = []
+  for split, examples in splits.items():
+    n_shards = max(1, min(num_shards, len(examples)))
+    lengths, num_bytes = [], 0
+    for s in range(n_shards):
+      lo, hi = s * len(examples) // n_shards, (s + 1) * len(examples) // n_shards
+      path = os.path.join(out, f"{name}-{split}.array_record-{s:05d}-of-{n_shards:05d}")
+      # group_size:1 makes each record its own chunk: cheapest random access.
+      writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+      for e in examples[lo:hi]:
+        writer.write(features.serialize_example(_normalise(e)))
+      writer.close()
+      lengths.append(hi - lo)
+      num_bytes += os.path.getsize(path)
+    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
+                                           num_bytes=num_bytes))
+  tfds.folder_dataset.write_metadata(
+      data_dir=out, features=features, split_infos=split_infos, version=version,
+      check_data=False, description="rlhi tokenized examples (rlhi/inputs.py)")
+  return out
+
+
+def tfds_source(name: str, split: str, data_dir: str, version: str = "1.0.0"):
+  """Random-access source over a data set written by `write_array_record_dataset`.
+
+  `data_dir` may be a bucket path (gs://...) on a pod: each host reads only the records
+  of its slice.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.data_source(f"{name}:{version}", split=split, data_dir=data_dir,
+                          download=False)
+
+
+# ----------------------------------------------------------------------------------------
+# Batches.
+# ----------------------------------------------------------------------------------------
+
+
+def bucket_length(n: int, bucket_lengths: Sequence[int] = DEFAULT_BUCKETS) -> int:
+  """The smallest bucket that holds `n` tokens."""
+  for b in bucket_lengths:
+    if n <= b:
+      return b
+  raise ValueError(f"an example of {n} tokens is longer than the largest bucket "
+                   f"{bucket_lengths[-1]}; tokenize with max_length <= "
+                   f"{bucket_lengths[-1]} or add a bucket")
+
+
+def _pad_rows(seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray], batch_size: int,
+              length: int, pad_id: int) -> Batch:
+  """Right-padded [batch_size, length] arrays; rows past len(seqs) are all padding.
+
+  `masks` mark target tokens in the sequence; the batch's loss_mask marks positions
+  whose *target* (the next token) is one of them.
+  """
+  tokens = np.full((batch_size, length), pad_id, np.int32)
+  loss_mask = np.zeros((batch_size, length), np.float32)
+  positions = np.zeros((batch_size, length), np.int32)
+  segment_ids = np.zeros((batch_size, length), np.int32)
+  for i, (seq, mask) in enumerate(zip(seqs, masks)):
+    n = len(seq)
+    tokens[i, :n] = seq
+    loss_mask[i, :n - 1] = mask[1:]
+    positions[i, :n] = np.arange(n)
+    segment_ids[i, :n] = 1
+  targets = np.full_like(tokens, pad_id)
+  targets[:, :-1] = tokens[:, 1:]
+  return {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+          "positions": positions, "segment_ids": segment_ids}
+
+
+def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id: int,
+              bucket_lengths: Sequence[int] = DEFAULT_BUCKETS,
+              with_metadata: bool = False) -> Batch:
+  """Examples (all SFT or all pairs) -> one fixed-shape batch; see docs/inputs.md.
+
+  SFT: tokens, targets, loss_mask, positions, segment_ids: [B, L]; valid: bool[B].
+  Pairs: chosen_* and rejected_* (the same five, both [B, L], one L for both so they
+  stack into one forward pass), prompt_length: int32[B], valid: bool[B].
+  L is the smallest bucket holding the longest sequence; rows past len(examples) (only
+  in a last partial batch) are padding with valid=False.
+  """
+  examples = [_normalise(e) for e in examples]
+  if not 0 < len(examples) <= batch_size:
+    raise ValueError(f"pad_batch: {len(examples)} examples for batch size {batch_size}")
+  kind = _kind(examples[0])
+  valid = np.arange(batch_size) < len(examples)
+  if kind == "sft":
+    length = bucket_length(max(len(e["tokens"]) for e in examples), bucket_lengths)
+    batch = _pad_rows([e["tokens"] for e in examples],
+                      [e["loss_mask"] for e in examples], batch_size, length, pad_id)
+  else:
+    length = bucket_length(
+        max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+            for e in examples), bucket_lengths)
+    batch = {"prompt_length": np.zeros(batch_size, np.int32)}
+    batch["prompt_length"][:len(examples)] = [len(e["prompt_ids"]) for e in examples]
+    for side in ("chosen", "rejected"):
+      seqs = [np.concatenate([e["prompt_ids"], e[f"{side}_ids"]]) for e in examples]
+      masks = [np.concatenate([np.zeros(len(e["prompt_ids"]), np.int32),
+                               np.ones(len(e[f"{side}_ids"]), np.int32)])
+               for e in examples]
+      rows = _pad_rows(seqs, masks, batch_size, length, pad_id)
+      batch |= {f"{side}_{k}": v for k, v in rows.items()}
+  batch["valid"] = valid
+  if with_metadata:
+    for k in _layout(kind)[1]:
+      batch[k] = np.array([e[k] for e in examples] + [""] * (batch_size - len(examples)))
+  return batch
+
+
+def stack_pairs(batch: Mapping[str, np.ndarray]) -> Batch:
+  """Pairs batch -> one [2B, L] batch, chosen rows first, for a single forward pass.
+
+  Returns tokens, targets, loss_mask, positions, segment_ids: [2B, L];
+  prompt_length: int32[2B]; valid: bool[2B]. Row i and row B + i are one pair.
+  """
+  out = {k: np.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+         for k in SEQUENCE_FIELDS}
+  for k in ("prompt_length", "valid"):
+    out[k] = np.concatenate([batch[k], batch[k]])
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padder:
+  """grain batch_fn (a class, not a lambda, so that worker processes can pickle it)."""
+  batch_size: int
+  pad_id: int
+  bucket_lengths: tuple[int, ...]
+  with_metadata: bool
+
+  def __call__(self, examples: Sequence[Example]) -> Batch:
+    return pad_batch(examples, batch_size=self.batch_size, pad_id=self.pad_id,
+                     bucket_lengths=self.bucket_lengths,
+                     with_metadata=self.with_metadata)
+
+
+def host_examples(num_examples: int, process_count: int) -> int:
+  """Examples each host reads per epoch: equal on every host (see `make_batches`)."""
+  return num_examples // process_count
+
+
+def _shuffle_seed(seed: int) -> int:
+  # grain shuffles epoch e with seed + e; mixing the user seed first keeps runs with
+  # seeds s and s + 1 from sharing an epoch order.
+  return int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
+
+
+def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id: int,
+                 bucket_lengths: Sequence[int] = DEFAULT_BUCKETS, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 drop_remainder: bool = True, process_index: int = 0,
+                 process_count: int = 1, with_metadata: bool = False
+                 ) -> grain.MapDataset:
+  """Source of tokenized examples -> grain MapDataset of fixed-shape numpy batches.
+
+  Pipeline: source -> this host's slice `[process_index::process_count]` -> shuffle
+  (deterministic in (seed, epoch), different every epoch) -> repeat `num_epochs` (None:
+  forever) -> batch `per_host_batch_size` -> right-pad to a bucket (`pad_batch`).
+
+  Every host reads the same number of examples: the last `len(source) % process_count`
+  examples are left out (logged) so that no host runs out of batches before the others
+  and hangs a collective. Batches run across epoch boundaries; with a finite
+  `num_epochs` and drop_remainder=False the last batch is completed with padding rows
+  (valid=False) so that shapes stay fixed.
+  """
+  if per_host_batch_size <= 0:
+    raise ValueError(f"per_host_batch_size must be positive, got {per_host_batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  buckets = tuple(int(b) for b in bucket_lengths)
+  if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
+    raise ValueError(f"bucket_lengths must be positive and increasing, got {buckets}")
+  ds = grain.MapDataset.source(source)
+  n = len(ds)
+  per_host = host_examples(n, process_count)
+  if per_host == 0:
+    raise ValueError(f"{n} examples cannot be split over {process_count} hosts")
+  if n % process_count:
+    logging.warning("inputs: %d of %d examples left out so that %d hosts read %d each",
+                    n % process_count, n, process_count, per_host)
+  ds = ds[:per_host * process_count][process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=_shuffle_seed(seed))
+  ds = ds.repeat(num_epochs)
+  return ds.batch(per_host_batch_size, drop_remainder=drop_remainder,
+                  batch_fn=_Padder(per_host_batch_size, pad_id, buckets, with_metadata))
+
+
+class BatchIterator(grain.DatasetIterator):
+  """A grain iterator whose state also records the pipeline it belongs to.
+
+  `get_state()` is {'next_index': int, 'pipeline': {...}}, JSON-ready; `set_state`
+  refuses a state saved by a different pipeline (batch size, seed, hosts, data size),
+  which would otherwise resume at a silently wrong position.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, pipeline: Mapping[str, Any]):
+    super().__init__(parent)
+    self._pipeline = json.loads(json.dumps(dict(pipeline)))  # JSON types only
+
+  def __next__(self) -> Batch:
+    return next(self._parent)
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(self._parent.get_state()) | {"pipeline": self._pipeline}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    state = dict(state)
+    saved = state.pop("pipeline", None)
+    if saved is not None and saved != self._pipeline:
+      diff = {k: (saved.get(k), v) for k, v in self._pipeline.items()
+              if saved.get(k) != v}
+      raise ValueError(f"input state was saved by a different pipeline; "
+                       f"(saved, now): {diff}")
+    self._parent.set_state(state)
+
+
+def make_iterator(source: Sequence[Example], *, num_threads: int = 0,
+                  prefetch_buffer_size: int = 4, **batch_options: Any) -> BatchIterator:
+  """`make_batches(source, **batch_options)` as an iterator with a restorable state.
+
+  Use num_threads > 0 when the source reads from disk or a bucket (array_record); 0 is
+  best for an in-memory HF source (no GIL contention).
+  """
+  bound = inspect.signature(make_batches).bind(source, **batch_options)
+  bound.apply_defaults()
+  # What fixes the order of batches; with_metadata only adds columns.
+  pipeline = {k: v for k, v in bound.arguments.items()
+              if k not in ("source", "with_metadata")}
+  pipeline["num_examples"] = len(source)
+  batches = make_batches(source, **batch_options)
+  it = batches.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)).__iter__()
+  return BatchIterator(it, pipeline)

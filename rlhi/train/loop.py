@@ -1,0 +1,203 @@
+"""The training loop shared by SFT, the reward model and DPO.
+
+An objective (experiments/train_*.py) describes itself as a `Task`: its pure loss, its
+parameters (abstract with logical axis names, and how to make them), its tokenized
+training examples and its evaluators. `train` does the rest, in this order:
+
+  mesh and rules -> optimizer -> state shardings -> checkpoint restore (state and
+  input position) or init -> input iterator -> jitted update step -> loop: step, log,
+  evaluate, checkpoint, preemption -> final checkpoint and evaluation.
+
+Host/device transfers are explicit: host batches become global arrays through
+`sharding.global_batch`, metrics come back with one `jax.device_get` per log step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import numpy as np
+
+from rlhi import inputs
+from rlhi import sharding
+from rlhi.train import checkpoint as ckpt_lib
+from rlhi.train import metrics as metrics_lib
+from rlhi.train import optimizer as opt_lib
+from rlhi.train import step as step_lib
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or gradient; nothing was saved from it."""
+
+
+@dataclasses.dataclass
+class Task:
+  name: str  # 'sft', 'reward', 'dpo': the progress bar and log names
+  loss_fn: step_lib.LossFn
+  abstract_params: Any  # boxed with logical axis names (nn.LogicallyPartitioned)
+  init_params: Callable[[Any], Any]  # (param shardings) -> params placed on them
+  train_examples: Sequence[Mapping[str, Any]]  # tokenized (rlhi.inputs)
+  pad_id: int
+  # (params, step) -> {name: value}; run every eval_every steps and at the end.
+  evaluate: Callable[[Any, int], Mapping[str, float]] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  state: step_lib.TrainState
+  preempted: bool
+  param_shardings: Any
+  final_eval: Mapping[str, float]
+
+
+def train(cfg, workdir: str, task: Task) -> TrainResult:
+  """Trains `task` with the config's optimizer, batch, mesh and checkpoint settings."""
+  # ---- Mesh --------------------------------------------------------------------------
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  rules = sharding.DEFAULT_RULES
+  with sharding.use_mesh(mesh, rules):
+    return _train(cfg, workdir, task, mesh, rules)
+
+
+def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
+  total = int(cfg.total_steps)
+  # ---- Optimizer and state shardings ---------------------------------------------------
+  optimizer, schedule = opt_lib.make_optimizer(cfg.optimizer, total)
+  abstract_state = jax.eval_shape(
+      lambda: step_lib.init_state(task.abstract_params, optimizer, cfg.seed))
+  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
+
+  # ---- Checkpoint restore, or init -----------------------------------------------------
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=cfg.checkpoint.keep,
+                               keep_every=cfg.checkpoint.keep_every,
+                               use_async=cfg.checkpoint.use_async)
+  restored = ckpt.restore(ckpt_lib.abstract_like(_values(abstract_state),
+                                                 state_shardings))
+  if restored is None:
+    params = task.init_params(state_shardings.params)
+    state = jax.jit(lambda p: step_lib.init_state(p, optimizer, cfg.seed),
+                    out_shardings=state_shardings)(params)
+    start, data_state = 0, None
+  else:
+    start, state, data_state = restored
+    logging.info("resumed %s from step %d", task.name, start)
+
+  # ---- Input pipeline ----------------------------------------------------------------
+  n_proc, proc = jax.process_count(), jax.process_index()
+  if cfg.batch_size % n_proc:
+    raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by the "
+                     f"{n_proc} processes")
+  batches = inputs.make_iterator(
+      task.train_examples, per_host_batch_size=cfg.batch_size // n_proc,
+      pad_id=task.pad_id, bucket_lengths=tuple(cfg.data.bucket_lengths),
+      seed=cfg.seed, shuffle=True, num_epochs=None, process_index=proc,
+      process_count=n_proc)
+  if data_state:
+    batches.set_state(data_state)
+
+  # ---- Update step -------------------------------------------------------------------
+  train_step = jax.jit(
+      step_lib.make_train_step(task.loss_fn, optimizer, cfg.accum_steps),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+
+  # ---- Loop --------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, total, initial_step=start, desc=task.name)
+  preempt = ckpt_lib.SigtermFlag()
+  pending = None  # (step, metrics) of the previous step, checked one step late
+  tokens, t0 = 0, time.perf_counter()
+  step = start
+  preempted = False
+  try:
+    while step < total:
+      host_batch = next(batches)
+      tokens += _count_tokens(host_batch)
+      state, metrics = train_step(state, sharding.global_batch(host_batch))
+      step += 1
+      if pending is not None:
+        _check_finite(*pending)
+      pending = (step, metrics)
+      writer.advance()
+
+      if step % cfg.log_every == 0 or step == total:
+        _check_finite(*pending)
+        dt = time.perf_counter() - t0
+        writer.write(step, {**metrics, "learning_rate": schedule(step - 1),
+                            "tokens_per_s": tokens * n_proc / max(dt, 1e-9)})
+        tokens, t0 = 0, time.perf_counter()
+      if task.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+        writer.write(step, task.evaluate(state.params, step), prefix="eval")
+      if step % cfg.checkpoint.every == 0 or step == total:
+        ckpt.save(step, state, batches.get_state(), force=step == total)
+      if preempt.requested or ckpt.reached_preemption(step):
+        _check_finite(*pending)
+        ckpt.save(step, state, batches.get_state(), force=True)
+        ckpt.wait()
+        logging.warning("preempted: saved step %d; re-run the same command to resume",
+                        step)
+        preempted = True
+        break
+    if pending is not None:
+      _check_finite(*pending)
+    final_eval = {}
+    if task.evaluate and not preempted:
+      final_eval = dict(task.evaluate(state.params, step))
+      writer.write(step, final_eval, prefix="eval")
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore_handler()
+  return TrainResult(step, state, preempted, state_shardings.params, final_eval)
+
+
+def _values(tree: Any) -> Any:
+  """Strips the logical-axis boxes (without unbox(), which would add constraints)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _check_finite(step: int, metrics: Mapping[str, Any]) -> None:
+  if int(jax.device_get(metrics["finite"])) == 0:
+    loss = float(jax.device_get(metrics["loss"]))
+    raise NonFiniteError(
+        f"step {step}: non-finite loss ({loss}) or gradient norm; the step was not "
+        f"applied and nothing after the last checkpoint was saved. Lower "
+        f"config.optimizer.lr, set config.optimizer.clip_norm, or check the data.")
+
+
+def _count_tokens(batch: Mapping[str, np.ndarray]) -> int:
+  return int(sum(np.count_nonzero(v) for k, v in batch.items()
+                 if k.endswith("segment_ids")))
+
+
+def evaluate_examples(eval_step: Callable, params: Any,
+                      examples: Sequence[Mapping[str, Any]], *, batch_size: int,
+                      pad_id: int, bucket_lengths: Sequence[int]) -> dict[str, float]:
+  """Means of `eval_step`'s (sum, count) metrics over every example, once.
+
+  `eval_step` is jitted by the caller (rlhi.train.step.make_eval_step). Runs inside
+  the mesh of `train`; the last batch is padded with rows marked invalid.
+  """
+  n_proc = jax.process_count()
+  batches = inputs.make_batches(
+      examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
+      bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
+      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc)
+  totals = None
+  for host_batch in batches:
+    sums = eval_step(params, sharding.global_batch(host_batch), jax.random.PRNGKey(0))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  if totals is None:
+    return {}
+  totals = jax.device_get(totals)
+  out = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in totals.items()}
+  out["count"] = float(totals["loss"][1])
+  return out
