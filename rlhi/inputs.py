@@ -600,28 +600,32 @@ def _pad_rows(seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray], batch_siz
 
 def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id: int,
               bucket_lengths: Sequence[int] = DEFAULT_BUCKETS,
-              with_metadata: bool = False) -> Batch:
+              with_metadata: bool = False, length_of: Sequence[Mapping[str, Any]] = ()
+              ) -> Batch:
   """Examples (all SFT or all pairs) -> one fixed-shape batch; see docs/inputs.md.
 
   SFT: tokens, targets, loss_mask, positions, segment_ids: [B, L]; valid: bool[B].
   Pairs: chosen_* and rejected_* (the same five, both [B, L], one L for both so they
   stack into one forward pass), prompt_length: int32[B], valid: bool[B].
-  L is the smallest bucket holding the longest sequence; rows past len(examples) (only
-  in a last partial batch) are padding with valid=False.
+  L is the smallest bucket holding the longest sequence of `length_of` (default: of
+  `examples`): a host pads its rows to the bucket of the whole global batch, so that
+  every host builds the same shape. Rows past len(examples) (a last partial batch) are
+  padding with valid=False.
   """
   examples = [_normalise(e) for e in examples]
-  if not 0 < len(examples) <= batch_size:
+  length_of = [_normalise(e) for e in length_of] or examples
+  if not 0 <= len(examples) <= batch_size or not length_of:
     raise ValueError(f"pad_batch: {len(examples)} examples for batch size {batch_size}")
-  kind = _kind(examples[0])
+  kind = _kind(length_of[0])
   valid = np.arange(batch_size) < len(examples)
   if kind == "sft":
-    length = bucket_length(max(len(e["tokens"]) for e in examples), bucket_lengths)
+    length = bucket_length(max(len(e["tokens"]) for e in length_of), bucket_lengths)
     batch = _pad_rows([e["tokens"] for e in examples],
                       [e["loss_mask"] for e in examples], batch_size, length, pad_id)
   else:
     length = bucket_length(
         max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-            for e in examples), bucket_lengths)
+            for e in length_of), bucket_lengths)
     batch = {"prompt_length": np.zeros(batch_size, np.int32)}
     batch["prompt_length"][:len(examples)] = [len(e["prompt_ids"]) for e in examples]
     for side in ("chosen", "rejected"):
@@ -653,21 +657,22 @@ def stack_pairs(batch: Mapping[str, np.ndarray]) -> Batch:
 
 @dataclasses.dataclass(frozen=True)
 class _Padder:
-  """grain batch_fn (a class, not a lambda, so that worker processes can pickle it)."""
-  batch_size: int
+  """grain batch_fn: a global batch -> this host's rows, padded to the global bucket.
+
+  (A class, not a lambda, so that grain worker processes can pickle it.)
+  """
+  per_host_batch_size: int
   pad_id: int
   bucket_lengths: tuple[int, ...]
   with_metadata: bool
+  process_index: int = 0
 
   def __call__(self, examples: Sequence[Example]) -> Batch:
-    return pad_batch(examples, batch_size=self.batch_size, pad_id=self.pad_id,
+    start = self.process_index * self.per_host_batch_size
+    return pad_batch(examples[start:start + self.per_host_batch_size],
+                     batch_size=self.per_host_batch_size, pad_id=self.pad_id,
                      bucket_lengths=self.bucket_lengths,
-                     with_metadata=self.with_metadata)
-
-
-def host_examples(num_examples: int, process_count: int) -> int:
-  """Examples each host reads per epoch: equal on every host (see `make_batches`)."""
-  return num_examples // process_count
+                     with_metadata=self.with_metadata, length_of=examples)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -682,17 +687,19 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
                  drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, with_metadata: bool = False
                  ) -> grain.MapDataset:
-  """Source of tokenized examples -> grain MapDataset of fixed-shape numpy batches.
+  """Source of tokenized examples -> grain MapDataset of this host's fixed-shape batches.
 
-  Pipeline: source -> this host's slice `[process_index::process_count]` -> shuffle
-  (deterministic in (seed, epoch), different every epoch) -> repeat `num_epochs` (None:
-  forever) -> batch `per_host_batch_size` -> right-pad to a bucket (`pad_batch`).
+  Pipeline: source -> shuffle (deterministic in (seed, epoch), different every epoch)
+  -> repeat `num_epochs` (None: forever) -> global batches of
+  `per_host_batch_size * process_count` -> this host's contiguous block of rows,
+  right-padded to the bucket of the whole global batch (`pad_batch`).
 
-  Every host reads the same number of examples: the last `len(source) % process_count`
-  examples are left out (logged) so that no host runs out of batches before the others
-  and hangs a collective. Batches run across epoch boundaries; with a finite
-  `num_epochs` and drop_remainder=False the last batch is completed with padding rows
-  (valid=False) so that shapes stay fixed.
+  So the global batch is the same whatever the number of hosts (a run resumed on another
+  topology sees the same data), every host builds the same shapes, and host i's rows
+  are rows [i * per_host, (i + 1) * per_host) of the global batch, the order in which
+  `sharding.global_batch` assembles them. Batches run across epoch boundaries; with a
+  finite `num_epochs` and drop_remainder=False the last batch is completed with padding
+  rows (valid=False) so that shapes stay fixed.
   """
   if per_host_batch_size <= 0:
     raise ValueError(f"per_host_batch_size must be positive, got {per_host_batch_size}")
@@ -702,19 +709,14 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
   if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
     raise ValueError(f"bucket_lengths must be positive and increasing, got {buckets}")
   ds = grain.MapDataset.source(source)
-  n = len(ds)
-  per_host = host_examples(n, process_count)
-  if per_host == 0:
-    raise ValueError(f"{n} examples cannot be split over {process_count} hosts")
-  if n % process_count:
-    logging.warning("inputs: %d of %d examples left out so that %d hosts read %d each",
-                    n % process_count, n, process_count, per_host)
-  ds = ds[:per_host * process_count][process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError("make_batches: the source has no examples")
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   ds = ds.repeat(num_epochs)
-  return ds.batch(per_host_batch_size, drop_remainder=drop_remainder,
-                  batch_fn=_Padder(per_host_batch_size, pad_id, buckets, with_metadata))
+  return ds.batch(per_host_batch_size * process_count, drop_remainder=drop_remainder,
+                  batch_fn=_Padder(per_host_batch_size, pad_id, buckets, with_metadata,
+                                   process_index))
 
 
 class BatchIterator(grain.DatasetIterator):

@@ -1,0 +1,99 @@
+r"""Supervised fine-tuning on training users' conversations; see configs/sft.py.
+
+  python -m experiments.train_sft --config configs/sft.py:tiny --workdir /tmp/rlhi_demo/sft
+"""
+
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from rlhi import inputs
+from rlhi import sharding
+from rlhi.data import pipeline
+from rlhi.data import schema
+from rlhi.models import hf_io
+from rlhi.models import llama
+from rlhi.models import tokenizer as tok_lib
+from rlhi.train import loop
+from rlhi.train import model_init
+from rlhi.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def sft_loss(config, chunk: int) -> step_lib.LossFn:
+  """Token-level cross-entropy on completion tokens: (sum, token count)."""
+
+  def loss_fn(params, batch, rng):
+    del rng
+    logp = llama.token_logprobs(params, config, batch["tokens"], batch["positions"],
+                                batch["segment_ids"], batch["targets"], chunk)
+    mask = batch["loss_mask"] * batch["valid"][:, None]
+    n = mask.sum()
+    nll = -(logp * mask).sum()
+    return nll, (n, {"token_accuracy_proxy": ((jnp.exp(logp) * mask).sum(), n)})
+
+  return loss_fn
+
+
+def load_examples(cfg, fmt, splits):
+  """Tokenized conversations of the users in `splits`, persona in the system slot."""
+  users = schema.read_jsonl(os.path.join(cfg.data.dir, pipeline.USERS), schema.User)
+  keep = {u.user_id for u in users if u.split in splits}
+  convs = [c for c in schema.read_jsonl(os.path.join(cfg.data.dir, pipeline.CONVERSATIONS),
+                                        schema.Conversation) if c.user_id in keep]
+  personas = {}
+  if cfg.data.with_persona:
+    personas = {p.user_id: p.to_text() for p in schema.read_jsonl(
+        os.path.join(cfg.data.dir, pipeline.PERSONAS), schema.Persona)}
+  examples, stats = inputs.tokenize_conversations(
+      fmt, convs, max_length=cfg.data.max_length,
+      max_response_length=cfg.data.max_response_length, personas=personas)
+  return examples, stats
+
+
+def main(argv):
+  del argv
+  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  sharding.initialize_distributed()
+
+  # ---- Tokenizer and data ------------------------------------------------------------
+  tokenizer = tok_lib.load_tokenizer(model_init.tokenizer_name(cfg))
+  fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
+  train_examples, _ = load_examples(cfg, fmt, (cfg.data.train_split,))
+  val_examples, _ = load_examples(cfg, fmt, ("val",))
+
+  # ---- Model, loss, evaluator --------------------------------------------------------
+  mconfig = model_init.model_config(cfg.model)
+  loss_fn = sft_loss(mconfig, cfg.logprob_chunk)
+  eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
+
+  def evaluate(params, step):
+    del step
+    return loop.evaluate_examples(eval_step, params, val_examples,
+                                  batch_size=cfg.batch_size, pad_id=fmt.pad_id,
+                                  bucket_lengths=cfg.data.bucket_lengths)
+
+  result = loop.train(cfg, workdir, loop.Task(
+      name="sft", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
+      init_params=lambda s: model_init.init_llama_params(cfg.model, mconfig, s, cfg.seed),
+      train_examples=train_examples, pad_id=fmt.pad_id,
+      evaluate=evaluate if val_examples else None))
+
+  # ---- Export ------------------------------------------------------------------------
+  if not result.preempted:
+    export = os.path.join(workdir, "hf")
+    hf_io.save_checkpoint(result.state.params, mconfig, export)
+    if sharding.is_main_process():
+      tokenizer.save_pretrained(export)
+
+
+if __name__ == "__main__":
+  app.run(main)
