@@ -114,6 +114,9 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
       init="",  # '' random; or an HF checkpoint dir (also what rlhi runs export)
       remat_policy=size["remat"],
       scan_layers=True,
+      # LlamaConfig fields to change: 'num_layers=2,hidden_size=64' (a smaller test
+      # model, say); applied to the named size or to the HF checkpoint's config.
+      overrides="",
   ))
   config.tokenizer = "bundled" if model in ("tiny", "small") else ""
   config.data = ml_collections.ConfigDict(dict(

@@ -757,9 +757,13 @@ def make_iterator(source: Sequence[Example], *, num_threads: int = 0,
   """
   bound = inspect.signature(make_batches).bind(source, **batch_options)
   bound.apply_defaults()
-  # What fixes the order of batches; with_metadata only adds columns.
-  pipeline = {k: v for k, v in bound.arguments.items()
-              if k not in ("source", "with_metadata")}
+  # What fixes the sequence of global batches; not the host layout (a run may resume
+  # on another number of hosts), and with_metadata only adds columns.
+  args = bound.arguments
+  pipeline = {k: v for k, v in args.items() if k not in (
+      "source", "with_metadata", "per_host_batch_size", "process_index",
+      "process_count")}
+  pipeline["global_batch_size"] = args["per_host_batch_size"] * args["process_count"]
   pipeline["num_examples"] = len(source)
   batches = make_batches(source, **batch_options)
   it = batches.to_iter_dataset(grain.ReadOptions(

@@ -114,7 +114,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
   preempt = ckpt_lib.SigtermFlag()
   pending = None  # (step, metrics) of the previous step, checked one step late
   tokens, t0 = 0, time.perf_counter()
-  step = start
+  step = saved = start
   preempted = False
   try:
     while step < total:
@@ -137,9 +137,11 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
         writer.write(step, task.evaluate(state.params, step), prefix="eval")
       if step % cfg.checkpoint.every == 0 or step == total:
         ckpt.save(step, state, batches.get_state(), force=step == total)
+        saved = step
       if preempt.requested or ckpt.reached_preemption(step):
         _check_finite(*pending)
-        ckpt.save(step, state, batches.get_state(), force=True)
+        if saved != step:
+          ckpt.save(step, state, batches.get_state(), force=True)
         ckpt.wait()
         logging.warning("preempted: saved step %d; re-run the same command to resume",
                         step)

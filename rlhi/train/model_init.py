@@ -7,6 +7,8 @@ loaded tensor by tensor straight into the target shardings.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,10 +18,27 @@ from rlhi.models import llama
 
 
 def model_config(model_cfg) -> llama.LlamaConfig:
-  overrides = dict(remat_policy=model_cfg.remat_policy, scan_layers=model_cfg.scan_layers)
+  overrides = dict(remat_policy=model_cfg.remat_policy, scan_layers=model_cfg.scan_layers,
+                   **parse_overrides(model_cfg.get("overrides", "")))
   if model_cfg.init:
     return hf_io.load_config(model_cfg.init, **overrides)
   return llama.get_config(model_cfg.name, **overrides)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """'num_layers=2,hidden_size=64' -> {'num_layers': 2, 'hidden_size': 64}."""
+  fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
+  out = {}
+  for item in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, value = item.partition("=")
+    if not sep or name.strip() not in fields:
+      raise ValueError(f"config.model.overrides: {item!r}; expected name=value with a "
+                       f"LlamaConfig field name ({', '.join(sorted(fields))})")
+    try:
+      out[name.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[name.strip()] = value.strip()  # a bare string, e.g. dtype=bfloat16
+  return out
 
 
 def init_llama_params(model_cfg, config: llama.LlamaConfig, shardings: Any, seed: int
