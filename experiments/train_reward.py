@@ -9,11 +9,9 @@ import os
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from rlhi import inputs
-from rlhi import losses
 from rlhi import sharding
 from rlhi.data import pipeline
 from rlhi.models import llama
@@ -21,44 +19,13 @@ from rlhi.models import reward
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
 from rlhi.train import model_init
+from rlhi.train import objectives
 from rlhi.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def reward_loss(config, margin: float, center_coef: float) -> step_lib.LossFn:
-  """Bradley-Terry over a batch of pairs; chosen and rejected in one forward pass."""
-
-  def loss_fn(params, batch, rng):
-    del rng
-    b = batch["chosen_tokens"].shape[0]
-    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
-    s = reward.scores(params, config, cat("tokens"), cat("positions"),
-                      cat("segment_ids"))
-    rc, rr = s[:b], s[b:]
-    w = batch["valid"].astype(jnp.float32)
-    n = w.sum()
-    per_pair = losses.bradley_terry(rc, rr, margin, center_coef)
-    metrics = {
-        "accuracy": (((rc > rr) * w).sum(), n),
-        "margin": (((rc - rr) * w).sum(), n),
-        "reward_mean": (((rc + rr) / 2 * w).sum(), n),
-        "reward_sq": (((rc ** 2 + rr ** 2) / 2 * w).sum(), n),
-    }
-    return (per_pair * w).sum(), (n, metrics)
-
-  return loss_fn
-
-
-def with_std(metrics):
-  """reward_sq -> reward_std (from the sums, so exact over batches and hosts)."""
-  out = dict(metrics)
-  if "reward_sq" in out:
-    out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5
-  return out
 
 
 def main(argv):
@@ -90,14 +57,14 @@ def main(argv):
                    out_shardings=shardings)(lm)
 
   # ---- Loss and evaluators -----------------------------------------------------------
-  loss_fn = reward_loss(mconfig, cfg.loss.margin, cfg.loss.center_coef)
+  loss_fn = objectives.reward_loss(mconfig, cfg.loss.margin, cfg.loss.center_coef)
   eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
 
   def evaluate(params, step):
     del step
     out = {}
     for (split, persona), examples in evals.items():
-      m = with_std(loop.evaluate_examples(
+      m = objectives.with_reward_std(loop.evaluate_examples(
           eval_step, params, examples, batch_size=cfg.batch_size,
           pad_id=fmt.pad_id, bucket_lengths=cfg.data.bucket_lengths))
       tag = f"{split}_{'persona' if persona else 'no_persona'}"

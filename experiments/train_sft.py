@@ -8,7 +8,6 @@ import os
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 
 from rlhi import inputs
@@ -20,27 +19,13 @@ from rlhi.models import llama
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
 from rlhi.train import model_init
+from rlhi.train import objectives
 from rlhi.train import step as step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def sft_loss(config, chunk: int) -> step_lib.LossFn:
-  """Token-level cross-entropy on completion tokens: (sum, token count)."""
-
-  def loss_fn(params, batch, rng):
-    del rng
-    logp = llama.token_logprobs(params, config, batch["tokens"], batch["positions"],
-                                batch["segment_ids"], batch["targets"], chunk)
-    mask = batch["loss_mask"] * batch["valid"][:, None]
-    n = mask.sum()
-    nll = -(logp * mask).sum()
-    return nll, (n, {"token_accuracy_proxy": ((jnp.exp(logp) * mask).sum(), n)})
-
-  return loss_fn
 
 
 def load_examples(cfg, fmt, splits):
@@ -72,7 +57,7 @@ def main(argv):
 
   # ---- Model, loss, evaluator --------------------------------------------------------
   mconfig = model_init.model_config(cfg.model)
-  loss_fn = sft_loss(mconfig, cfg.logprob_chunk)
+  loss_fn = objectives.sft_loss(mconfig, cfg.logprob_chunk)
   eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
 
   def evaluate(params, step):

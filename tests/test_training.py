@@ -20,12 +20,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import data_prep
-from experiments import train_reward
 from rlhi import sharding
 from rlhi.data import pipeline
 from rlhi.models import llama
 from rlhi.models import reward
 from rlhi.models import tokenizer as tok_lib
+from rlhi.train import objectives
 from rlhi.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,7 +110,7 @@ def _train_3_steps(mesh):
   # SGD: the comparison is about the sharded computation; Adam would turn rounding-level
   # differences in near-zero gradients into lr-sized steps (sign flips).
   opt = optax.sgd(0.3)
-  loss_fn = train_reward.reward_loss(config, 0.0, 0.01)
+  loss_fn = objectives.reward_loss(config, 0.0, 0.01)
   with sharding.use_mesh(mesh):
     abstract = jax.eval_shape(
         lambda: step_lib.init_state(reward.abstract_params(config), opt, 0))
@@ -173,7 +173,7 @@ def _persona_task(n, seed):
 def test_persona_reward_model_learns_and_ablation_stays_at_chance():
   config = llama.get_config("tiny", hidden_size=64, intermediate_size=128, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=16)
-  loss_fn = train_reward.reward_loss(config, 0.0, 0.0)
+  loss_fn = objectives.reward_loss(config, 0.0, 0.0)
   train, held_out = _persona_task(64, 0), _persona_task(64, 1)
   opt = optax.adam(3e-3)
   step = jax.jit(step_lib.make_train_step(loss_fn, opt))
