@@ -50,6 +50,8 @@ as soon as it arrives, so a re-run or a run resumed after a crash sends no reque
 already succeeded. Identical requests in one batch are sent once. The file holds hashes,
 answers and token counts only: no key, no header, no prompt. Because equal requests
 share one answer, draw several samples of one prompt by giving each a different `seed`.
+The reference backend answers by item key, so its entries are keyed by (sha256 of the
+annotations file, `ChatRequest.key`) instead: an edited file is never served stale.
 Keep the cache on a local disk (SQLite locking is unreliable on network filesystems).
 
 Backends: subclass `InferenceClient`, set `name` and `kind`, implement `_answer` (call
@@ -81,18 +83,14 @@ import urllib.parse
 import weakref
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-# aiohttp over httpx: on this 2-core machine httpx's asyncio pool spent several times
-# more CPU per request than aiohttp's C-accelerated parser, and could not keep 64
-# requests of 50 ms in flight (bench/client_throughput.py, docs/bench_client.md).
+# aiohttp, not httpx: against the loopback server at 50 ms latency and 64 in flight on
+# this 2-core machine, aiohttp 3.14 made ~1,150 requests/s at ~0.2 ms of CPU each, while
+# httpx 0.28's AsyncClient made ~105/s at ~9 ms of CPU each (its connection pool, not
+# the network, was the bottleneck). See docs/bench_client.md.
 import aiohttp
 import ml_collections
 from tqdm import auto as tqdm_auto
 import yarl
-
-try:
-  import uvloop  # Optional (not on Windows): a faster event loop for the HTTP backend.
-except ImportError:  # pragma: no cover
-  uvloop = None
 
 _LOG = logging.getLogger(__name__)
 
@@ -134,6 +132,16 @@ class ChatRequest:
           not isinstance(m.get("content"), str)):
         raise ValueError(f"ChatRequest {self.key!r}: messages[{i}] must be a dict with "
                          f"string 'role' and 'content', got {m!r:.200}")
+    for name in ("temperature", "top_p"):
+      value = getattr(self, name)
+      if (not isinstance(value, (int, float)) or isinstance(value, bool) or
+          not math.isfinite(value)):
+        raise ValueError(f"ChatRequest {self.key!r}: {name} must be a finite number, "
+                         f"got {value!r}")
+    if self.seed is not None and (not isinstance(self.seed, int) or
+                                  isinstance(self.seed, bool)):
+      raise ValueError(f"ChatRequest {self.key!r}: seed must be an int or None, got "
+                       f"{self.seed!r}")
     if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
       raise ValueError(f"ChatRequest {self.key!r}: max_tokens must be a positive int, "
                        f"got {self.max_tokens!r}")
@@ -397,9 +405,9 @@ class _LoopThread:
   def __init__(self):
     self.session: aiohttp.ClientSession | None = None
     self.semaphore: asyncio.Semaphore | None = None
-    # uvloop, where installed, takes about a third off the client's CPU per request,
-    # which is what bounds throughput at high concurrency (docs/bench_client.md).
-    self.loop = uvloop.new_event_loop() if uvloop else asyncio.new_event_loop()
+    # Plain asyncio: uvloop measured within noise here (~2% at 64 in flight), not worth
+    # a second code path.
+    self.loop = asyncio.new_event_loop()
     self.thread = threading.Thread(target=self._run, name="rlhi-inference-client",
                                    daemon=True)
     self.thread.start()
@@ -527,7 +535,11 @@ class OpenAIClient(InferenceClient):
     if request.seed is not None:
       body["seed"] = request.seed
     body.update(self.extra_body)
-    return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    try:
+      return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+      # Lone surrogates (they occur in scraped chat logs) are not UTF-8; \u escapes are.
+      return json.dumps(body, ensure_ascii=True).encode("ascii")
 
   async def _run_batch(self, lt: _LoopThread, requests: Sequence[ChatRequest],
                        on_result: OnResult) -> None:
@@ -565,7 +577,12 @@ class OpenAIClient(InferenceClient):
         while True:
           i = await queue.get()
           if bodies[i] is None:
-            bodies[i] = self._encode(requests[i])
+            try:
+              bodies[i] = self._encode(requests[i])
+            except (TypeError, ValueError) as e:
+              finish(i, ChatResult(key=requests[i].key, text=None,
+                                   error=f"request could not be encoded as JSON: {e}"))
+              continue
           async with semaphore:
             outcome = await self._attempt(session, bodies[i])
           attempts = len(failures[i]) + 1
@@ -783,9 +800,10 @@ class ReferenceClient(InferenceClient):
 
 
 def cache_key(payload: Mapping[str, Any]) -> str:
+  # ensure_ascii: one spelling for every string, lone surrogates included.
   canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"),
-                         ensure_ascii=False, allow_nan=False)
-  return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+                         ensure_ascii=True, allow_nan=False)
+  return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 class ResponseCache:
@@ -829,9 +847,15 @@ class ResponseCache:
     if result.text is None:
       raise ValueError("only successful answers are cached")
     with self._lock:
-      self._conn.execute(
-          "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
-          (key, result.text, result.prompt_tokens, result.completion_tokens, time.time()))
+      try:
+        self._conn.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?)",
+            (key, result.text, result.prompt_tokens, result.completion_tokens,
+             time.time()))
+      except UnicodeEncodeError:
+        # An answer with lone surrogates cannot be stored as TEXT; it is still returned,
+        # just asked again on a re-run.
+        _LOG.debug("cache: answer for %s not storable (lone surrogates)", result.key)
 
   def __len__(self) -> int:
     with self._lock:
@@ -890,7 +914,8 @@ class CachedClient(InferenceClient):
         on_result(i, dataclasses.replace(result, key=requests[i].key, attempts=0,
                                          cached=result.text is not None))
 
-    self.inner._answer([requests[waiting[k][0]] for k in send_keys], on_inner)  # pylint: disable=protected-access
+    to_send = [requests[waiting[k][0]] for k in send_keys]
+    self.inner._answer(to_send, on_inner)  # pylint: disable=protected-access
 
   def stats(self) -> dict[str, int]:
     merged = self.inner.stats()
@@ -920,7 +945,6 @@ def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
   values = _config_values(cfg)
   backend = values["backend"]
   if backend == "openai":
-    _check_openai_config(values)
     client: InferenceClient = OpenAIClient(
         base_url=values["base_url"], model=values["model"],
         api_key_env=values["api_key_env"], concurrency=values["concurrency"],

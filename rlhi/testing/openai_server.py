@@ -1,6 +1,6 @@
 """A loopback OpenAI-compatible chat-completions server for tests and benchmarks.
 
-Real HTTP on 127.0.0.1 with an ephemeral port, served by aiohttp on an event loop in a
+Real HTTP/1.1 on 127.0.0.1 with an ephemeral port, served on an event loop in a
 background thread, so the client under test goes through sockets, keep-alive, timeouts
 and dropped connections exactly as against vLLM or a hosted API:
 
@@ -8,12 +8,15 @@ and dropped connections exactly as against vLLM or a hosted API:
       cfg.base_url = server.base_url          # http://127.0.0.1:<port>/v1
       ...
       assert server.counters()["requests"] == 3
-      assert server.requests()[0].headers["Authorization"] == "Bearer ..."
+      assert server.requests()[0].headers["authorization"] == "Bearer ..."
+
+Endpoints: POST {/v1,}/chat/completions, GET {/v1,}/models, GET /_testing/counters.
 
 Answers: `responder(request_json) -> str` (sync or async) writes the assistant text;
 the default echoes the last user message. A responder that raises gives an HTTP 500 with
 the exception's message. Usage is counted in whitespace-separated words
-(`count_tokens`), so a test can compute expected totals on its own.
+(`count_tokens`), so a test can compute expected totals on its own. A request a real
+server would refuse (not JSON, no messages, stream=true) gets a 400.
 
 Faults, chosen per attempt (one HTTP request):
   - permanent: `permanent(request_json) -> kind | None`, e.g.
@@ -24,12 +27,19 @@ Faults, chosen per attempt (one HTTP request):
     run is reproducible whatever order concurrent requests arrive in, and a retry of
     the same body gets a fresh draw.
 Kinds: "<3-digit status>" (an error JSON with that status; 429 adds `Retry-After:
-retry_after`), "drop" (close the socket without answering), "slow" (answer after
+retry_after`), "drop" (reset the connection without answering), "slow" (answer after
 `slow_s`, past the client's timeout), "malformed" (200 with a truncated JSON body),
 "invalid" (200 with JSON that has no `choices`).
 
 `configure(**changes)` swaps the behaviour of a running server (e.g. heal it for a
 re-run: the base_url, and so the client's cache key, stays the same).
+
+The HTTP layer is a small asyncio protocol rather than aiohttp.web: the benchmark's
+server shares two cores with the client under test, and aiohttp.web spent ~4x more CPU
+per request (175 vs 45 us), which showed up as client "latency". It speaks the subset
+that HTTP clients use for JSON APIs: Content-Length or chunked request bodies,
+keep-alive, `Connection: close`, `Expect: 100-continue`; one request at a time per
+connection, answered in order.
 
 For benchmarks the server can run in its own process (`serve_subprocess`, or
 `python -m rlhi.testing.openai_server --latency-s 0.05`), so that it does not share the
@@ -44,17 +54,17 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import http
 import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Iterator, Union
-
-from aiohttp import web
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Union
 
 try:
   import uvloop  # Optional: a cheaper server leaves more of the machine to the client.
@@ -67,6 +77,7 @@ FaultRule = Callable[[dict[str, Any]], Union[str, None]]
 # The mix a flaky real deployment produces; "invalid" and other statuses are opt-in.
 TRANSIENT_FAULTS = ("500", "429", "drop", "slow", "malformed")
 _NAMED_FAULTS = ("drop", "slow", "malformed", "invalid")
+_MAX_HEAD_BYTES = 64 * 1024
 
 
 def count_tokens(text: str) -> int:
@@ -124,20 +135,39 @@ class Behaviour:
       raise ValueError(f"fault_rate must be in [0, 1], got {self.fault_rate}")
 
 
+class Headers(dict):
+  """Request headers with case-insensitive lookup (keys are stored lower-cased)."""
+
+  def __getitem__(self, name: str) -> str:
+    return super().__getitem__(name.lower())
+
+  def get(self, name: str, default: Any = None) -> Any:
+    return super().get(name.lower(), default)
+
+  def __contains__(self, name: object) -> bool:
+    return isinstance(name, str) and super().__contains__(name.lower())
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggedRequest:
   """One HTTP request as the server received it."""
   time: float                         # time.monotonic() at arrival
   method: str
   path: str
-  headers: dict[str, str]
+  headers: Headers                    # case-insensitive: headers["Authorization"]
   body: Any                           # the parsed JSON body; None if it was not JSON
   attempt: int                        # times this exact body had been received before
   fault: str | None                   # the fault served; None for a normal answer
 
 
-class _Drop(Exception):
-  """Raised by the handler after aborting the transport, so nothing is written."""
+@dataclasses.dataclass
+class _Reply:
+  status: int
+  body: bytes
+  headers: Mapping[str, str] | None = None
+
+
+_DROP = object()  # Handler result: reset the connection instead of answering.
 
 
 class OpenAIServer:
@@ -159,7 +189,8 @@ class OpenAIServer:
     self._seen: collections.Counter[bytes] = collections.Counter()
     self._loop: asyncio.AbstractEventLoop | None = None
     self._thread: threading.Thread | None = None
-    self._runner: web.AppRunner | None = None
+    self._server: asyncio.AbstractServer | None = None
+    self._connections: set[_HttpProtocol] = set()
     self.port: int | None = None
 
   # --- lifecycle ------------------------------------------------------------------------
@@ -168,7 +199,8 @@ class OpenAIServer:
   def base_url(self) -> str:
     if self.port is None:
       raise RuntimeError("server not started")
-    return f"http://{self._host}:{self.port}/v1"
+    host = f"[{self._host}]" if ":" in self._host else self._host
+    return f"http://{host}:{self.port}/v1"
 
   def start(self) -> "OpenAIServer":
     if self._thread is not None:
@@ -180,7 +212,7 @@ class OpenAIServer:
     def run():
       asyncio.set_event_loop(self._loop)
       try:
-        self._loop.run_until_complete(self._start_site())
+        self._loop.run_until_complete(self._listen())
       except BaseException as e:  # pylint: disable=broad-except
         errors.append(e)
         started.set()
@@ -193,14 +225,14 @@ class OpenAIServer:
     self._thread.start()
     started.wait()
     if errors:
+      self._thread = None
       raise errors[0]
     return self
 
   def stop(self) -> None:
     if self._thread is None or self._loop is None:
       return
-    future = asyncio.run_coroutine_threadsafe(self._stop_site(), self._loop)
-    future.result(timeout=30)
+    asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=30)
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join(timeout=30)
     self._thread = None
@@ -211,22 +243,22 @@ class OpenAIServer:
   def __exit__(self, *exc) -> None:
     self.stop()
 
-  async def _start_site(self) -> None:
-    self._runner = make_runner(self)
-    await self._runner.setup()
-    # shutdown_timeout: "slow" answers may still be sleeping at exit; don't wait for them.
-    site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=0.1)
-    await site.start()
-    self.port = self._runner.addresses[0][1]
+  async def _listen(self) -> None:
+    loop = asyncio.get_running_loop()
+    self._server = await loop.create_server(lambda: _HttpProtocol(self), self._host,
+                                            self._port)
+    self.port = self._server.sockets[0].getsockname()[1]
 
-  async def _stop_site(self) -> None:
-    if self._runner is not None:
-      await self._runner.cleanup()
+  async def _shutdown(self) -> None:
+    self._server.close()
+    for connection in list(self._connections):
+      connection.abort()
     # Handlers still sleeping ("slow" faults, latency) would be destroyed pending.
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
     for task in tasks:
       task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await self._server.wait_closed()
 
   # --- behaviour, log, counters ---------------------------------------------------------
 
@@ -239,12 +271,13 @@ class OpenAIServer:
     self._behaviour = dataclasses.replace(self._behaviour, **changes)
 
   def requests(self) -> list[LoggedRequest]:
-    """A copy of the log of every request received so far."""
+    """A copy of the log of every chat request received so far."""
     with self._lock:
       return list(self._log)
 
   def counters(self) -> dict[str, int]:
-    """requests, answered (normal 200s), and 'fault:<kind>' for each fault served."""
+    """Chat requests: requests, answered (normal 200s), rejected (refused with a 400 as
+    a real server would) and 'fault:<kind>' for each fault served."""
     with self._lock:
       out = {"requests": 0, "answered": 0}
       out.update(self._counters)
@@ -257,6 +290,21 @@ class OpenAIServer:
       self._counters.clear()
 
   # --- request handling -----------------------------------------------------------------
+
+  async def handle(self, method: str, path: str, headers: Headers, raw: bytes):
+    """Returns a _Reply, or _DROP to reset the connection."""
+    path = path.split("?", 1)[0]
+    if path in ("/v1/chat/completions", "/chat/completions"):
+      if method != "POST":
+        return _error(405, f"{method} not allowed on {path}")
+      return await self._chat(path, headers, raw)
+    if path in ("/v1/models", "/models") and method == "GET":
+      return _json(200, {"object": "list",
+                         "data": [{"id": "test-model", "object": "model"}]})
+    if path == "/_testing/counters" and method == "GET":
+      # process_cpu_s lets a benchmark see how much of the machine the server used.
+      return _json(200, {**self.counters(), "process_cpu_s": time.process_time()})
+    return _error(404, f"no route for {method} {path}")
 
   def _choose_fault(self, b: Behaviour, body: Any, raw: bytes) -> tuple[int, str | None]:
     digest = hashlib.sha256(raw).digest()
@@ -274,49 +322,39 @@ class OpenAIServer:
         return attempt, b.fault_kinds[int.from_bytes(h[8:16], "big") % len(b.fault_kinds)]
     return attempt, None
 
-  def _record(self, request: web.Request, body: Any, attempt: int, fault: str | None):
-    with self._lock:
-      self._counters["requests"] += 1
-      self._counters[f"fault:{fault}" if fault else "answered"] += 1
-      if self._log_requests:
-        self._log.append(LoggedRequest(
-            time=time.monotonic(), method=request.method, path=request.path,
-            headers=dict(request.headers), body=body, attempt=attempt, fault=fault))
-
-  async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+  async def _chat(self, path: str, headers: Headers, raw: bytes):
     b = self._behaviour  # One snapshot per request: configure() may swap it meanwhile.
-    raw = await request.read()
+    arrival = time.monotonic()
     try:
       body = json.loads(raw)
     except ValueError:
       body = None
-    attempt, fault = self._choose_fault(b, body, raw)
     problem = _validate(body)
-    if problem:
-      fault = None
-    self._record(request, body, attempt, fault if not problem else "400")
+    attempt, fault = self._choose_fault(b, body, raw) if not problem else (0, None)
+    with self._lock:
+      self._counters["requests"] += 1
+      self._counters["rejected" if problem else f"fault:{fault}" if fault else
+                     "answered"] += 1
+      if self._log_requests:
+        self._log.append(LoggedRequest(time=arrival, method="POST", path=path,
+                                       headers=headers, body=body, attempt=attempt,
+                                       fault=fault))
     if b.latency_s:
       await asyncio.sleep(b.latency_s)
     if problem:
       return _error(400, problem)
-
     if fault == "drop":
-      # Abort (RST) rather than a polite close: what a crashed worker or a proxy reset
-      # looks like to the client. _Drop keeps aiohttp from writing a response.
-      if request.transport is not None:
-        request.transport.abort()
-      raise _Drop()
+      return _DROP
     if fault == "slow":
       await asyncio.sleep(b.slow_s)
     elif fault == "malformed":
-      return web.Response(status=200, body=b'{"id": "chatcmpl-x", "choices": [{"mess',
-                          content_type="application/json")
+      return _Reply(200, b'{"id": "chatcmpl-x", "choices": [{"mess')
     elif fault == "invalid":
-      return web.json_response({"id": "chatcmpl-x", "object": "chat.completion"})
+      return _json(200, {"id": "chatcmpl-x", "object": "chat.completion"})
     elif fault is not None:
       status = int(fault)
-      headers = {"Retry-After": b.retry_after} if status == 429 else None
-      return _error(status, f"injected fault: HTTP {status}", headers=headers)
+      extra = {"Retry-After": b.retry_after} if status == 429 else None
+      return _error(status, f"injected fault: HTTP {status}", extra)
 
     try:
       text = b.responder(body)
@@ -324,9 +362,9 @@ class OpenAIServer:
         text = await text
     except Exception as e:  # pylint: disable=broad-except
       return _error(500, f"responder failed: {type(e).__name__}: {e}")
-    prompt_tokens = sum(count_tokens(str(m.get("content", ""))) for m in body["messages"])
+    prompt_tokens = sum(count_tokens(m["content"]) for m in body["messages"])
     completion_tokens = count_tokens(text)
-    return web.json_response({
+    return _json(200, {
         "id": f"chatcmpl-{attempt}",
         "object": "chat.completion",
         "created": int(time.time()),
@@ -336,16 +374,6 @@ class OpenAIServer:
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     })
-
-  async def handle_models(self, request: web.Request) -> web.Response:
-    del request
-    return web.json_response({"object": "list", "data": [{"id": "test-model",
-                                                          "object": "model"}]})
-
-  async def handle_counters(self, request: web.Request) -> web.Response:
-    del request
-    # process_cpu_s lets a benchmark see how much of the machine the server itself used.
-    return web.json_response({**self.counters(), "process_cpu_s": time.process_time()})
 
 
 def _validate(body: Any) -> str | None:
@@ -364,28 +392,167 @@ def _validate(body: Any) -> str | None:
   return None
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None):
-  return web.json_response({"error": {"message": message, "type": "test_server_error",
-                                      "code": status}}, status=status, headers=headers)
+def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> _Reply:
+  return _Reply(status, json.dumps(payload).encode("utf-8"), headers)
 
 
-def make_runner(server: OpenAIServer) -> web.AppRunner:
-  app = web.Application()
-  for prefix in ("/v1", ""):
-    app.router.add_post(prefix + "/chat/completions", server.handle_chat)
-    app.router.add_get(prefix + "/models", server.handle_models)
-  app.router.add_get("/_testing/counters", server.handle_counters)
+def _error(status: int, message: str,
+           headers: Mapping[str, str] | None = None) -> _Reply:
+  return _json(status, {"error": {"message": message, "type": "test_server_error",
+                                  "code": status}}, headers)
 
-  @web.middleware
-  async def swallow_drop(request, handler):
+
+class _BadRequest(Exception):
+  pass
+
+
+class _HttpProtocol(asyncio.Protocol):
+  """One connection: parses requests one at a time and writes replies in order."""
+
+  def __init__(self, server: OpenAIServer):
+    self._server = server
+    self._buffer = bytearray()
+    self._transport: asyncio.Transport | None = None
+    self._busy = False  # A request is being handled; later bytes wait in the buffer.
+    self._sent_continue = False
+    self._task: asyncio.Task | None = None
+
+  def connection_made(self, transport) -> None:
+    self._transport = transport
+    self._server._connections.add(self)  # pylint: disable=protected-access
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+      with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+  def connection_lost(self, exc) -> None:
+    self._server._connections.discard(self)  # pylint: disable=protected-access
+    self._transport = None
+    if self._task is not None:
+      self._task.cancel()
+
+  def abort(self) -> None:
+    if self._transport is not None:
+      self._transport.abort()
+
+  def data_received(self, data: bytes) -> None:
+    self._buffer += data
+    if not self._busy:
+      self._next_request()
+
+  def _next_request(self) -> None:
     try:
-      return await handler(request)
-    except _Drop:
-      # The transport is already gone; this just ends the handler without a 500.
-      raise asyncio.CancelledError() from None
+      parsed = self._parse()
+    except _BadRequest as e:
+      self._write(_error(400, str(e)), keep_alive=False)
+      return
+    if parsed is None:
+      return
+    self._busy = True
+    self._task = asyncio.get_running_loop().create_task(self._serve(*parsed))
 
-  app.middlewares.append(swallow_drop)
-  return web.AppRunner(app, access_log=None, handle_signals=False)
+  def _parse(self):
+    """(method, path, headers, body, keep_alive) once a whole request is buffered."""
+    end = self._buffer.find(b"\r\n\r\n")
+    if end < 0:
+      if len(self._buffer) > _MAX_HEAD_BYTES:
+        raise _BadRequest("request head too large")
+      return None
+    lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+    try:
+      method, path, version = lines[0].split(" ", 2)
+    except ValueError:
+      raise _BadRequest(f"bad request line {lines[0][:100]!r}") from None
+    headers = Headers()
+    for line in lines[1:]:
+      name, sep, value = line.partition(":")
+      if not sep:
+        raise _BadRequest(f"bad header line {line[:100]!r}")
+      headers[name.strip().lower()] = value.strip()
+    start = end + 4
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+      body, consumed = _dechunk(self._buffer, start)
+      if body is None:
+        self._maybe_continue(headers)
+        return None
+    else:
+      try:
+        length = int(headers.get("content-length", "0"))
+      except ValueError:
+        raise _BadRequest("bad Content-Length") from None
+      if len(self._buffer) < start + length:
+        self._maybe_continue(headers)
+        return None
+      body, consumed = bytes(self._buffer[start:start + length]), start + length
+    del self._buffer[:consumed]
+    self._sent_continue = False
+    connection = headers.get("connection", "").lower()
+    keep_alive = (version == "HTTP/1.1" and connection != "close") or (
+        version == "HTTP/1.0" and connection == "keep-alive")
+    return method, path, headers, body, keep_alive
+
+  def _maybe_continue(self, headers: Headers) -> None:
+    if (headers.get("expect", "").lower() == "100-continue" and not self._sent_continue and
+        self._transport is not None):
+      self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+      self._sent_continue = True
+
+  async def _serve(self, method, path, headers, body, keep_alive) -> None:
+    try:
+      reply = await self._server.handle(method, path, headers, body)
+    except asyncio.CancelledError:
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      reply = _error(500, f"test server error: {type(e).__name__}: {e}")
+    if reply is _DROP:
+      # Abort (RST) rather than a polite close: what a crashed worker or a proxy reset
+      # looks like to the client.
+      self.abort()
+      return
+    self._write(reply, keep_alive)
+    self._busy = False
+    self._task = None
+    if keep_alive and self._buffer and self._transport is not None:
+      self._next_request()
+
+  def _write(self, reply: _Reply, keep_alive: bool) -> None:
+    if self._transport is None or self._transport.is_closing():
+      return  # The client went away (e.g. it timed out on a "slow" answer).
+    head = [f"HTTP/1.1 {reply.status} {http.HTTPStatus(reply.status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(reply.body)}",
+            "Server: rlhi-openai-test-server"]
+    for name, value in (reply.headers or {}).items():
+      head.append(f"{name}: {value}")
+    if not keep_alive:
+      head.append("Connection: close")
+    self._transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + reply.body)
+    if not keep_alive:
+      self._transport.close()
+
+
+def _dechunk(buffer: bytearray, start: int) -> tuple[bytes | None, int]:
+  """Decodes a chunked body at buffer[start:]; (None, 0) while it is incomplete."""
+  out = bytearray()
+  pos = start
+  while True:
+    eol = buffer.find(b"\r\n", pos)
+    if eol < 0:
+      return None, 0
+    try:
+      size = int(bytes(buffer[pos:eol]).split(b";", 1)[0], 16)
+    except ValueError:
+      raise _BadRequest("bad chunk size") from None
+    pos = eol + 2
+    if size == 0:
+      trailer_end = buffer.find(b"\r\n\r\n", pos - 2)
+      if trailer_end < 0:
+        return None, 0
+      return bytes(out), trailer_end + 4
+    if len(buffer) < pos + size + 2:
+      return None, 0
+    out += buffer[pos:pos + size]
+    pos += size + 2
 
 
 # --- a server in its own process (benchmarks) ---------------------------------------------
