@@ -27,6 +27,8 @@ def main():
   p.add_argument("--pairs_per_device", type=float, default=0.5,
                  help="pairs (2 sequences each) per device in the global batch")
   p.add_argument("--remat", default="full")
+  p.add_argument("--accum_steps", type=int, default=1,
+                 help="gradient accumulation: activations of 1/k of the batch at a time")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -48,7 +50,7 @@ def main():
   print(f"{a.model}: {n_params / 1e9:.2f}B params ({config.param_dtype} params, "
         f"{config.dtype} compute), reward-model train step, AdamW (float32 moments "
         f"of bf16 params), remat={a.remat}, {pairs} pairs x 2 x {a.length} tokens, "
-        f"{a.devices} simulated devices\n")
+        f"{a.devices} simulated devices, gradient accumulation {a.accum_steps}\n")
   print("| mesh | arguments GiB | outputs GiB | temps GiB | aliased GiB | "
         "peak per device GiB | fits 16 GiB (v5e) |")
   print("|---|---|---|---|---|---|---|")
@@ -73,7 +75,8 @@ def main():
       batch["valid"] = jax.ShapeDtypeStruct(
           (pairs,), jnp.bool_, sharding=jax.sharding.NamedSharding(
               mesh, jax.sharding.PartitionSpec(*batch_spec[:1])))
-      step = jax.jit(step_lib.make_train_step(objectives.reward_loss(config), opt),
+      step = jax.jit(step_lib.make_train_step(objectives.reward_loss(config), opt,
+                                              a.accum_steps),
                      out_shardings=(shardings, None), donate_argnums=0)
       m = step.lower(state, batch).compile().memory_analysis()
     peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

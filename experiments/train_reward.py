@@ -50,7 +50,7 @@ def main(argv):
   lm_abstract = llama.abstract_params(mconfig)
 
   def init_params(shardings):
-    mesh = jax.sharding.get_mesh()
+    mesh = jax.tree.leaves(shardings)[0].mesh
     lm = model_init.init_llama_params(
         cfg.model, mconfig, sharding.logical_shardings(lm_abstract, mesh), cfg.seed)
     return jax.jit(lambda p: reward.init_params(mconfig, None, backbone=p),

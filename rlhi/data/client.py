@@ -17,7 +17,7 @@ also works when called from inside a running event loop (a colab cell): the HTTP
 runs its own event loop in a background thread.
 
 Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every field):
-  backend         'openai' | 'reference'.
+  backend         'openai' | 'reference' | 'local'.
   base_url        OpenAI-compatible server root, e.g. 'http://127.0.0.1:8000/v1'
                   (vLLM, SGLang, TGI, llama.cpp, Ollama, or a hosted API); requests go
                   to f'{base_url}/chat/completions'.
@@ -41,6 +41,11 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
                   rlhi/data/samples/reference_annotations.jsonl.
   extra_body      dict merged last into every request JSON (e.g. {'top_k': 20} for
                   vLLM, {'chat_template_kwargs': {...}}); may be empty.
+  checkpoint      'local' backend: an HF checkpoint directory (what rlhi exports to
+                  <workdir>/hf, or a released model), generated with rlhi's sampler in
+                  this process (jax is imported only for this backend).
+  tokenizer       'local': tokenizer name or directory; '' = the checkpoint's own.
+  local_batch_size  'local': rows generated together.
 
 Cache: with `cache_path`, a SQLite file (WAL) wraps the backend. The cache key is the
 sha256 of the canonical JSON of (backend, base_url, model, messages, temperature, top_p,
@@ -94,7 +99,7 @@ import yarl
 
 _LOG = logging.getLogger(__name__)
 
-BACKENDS = ("openai", "reference")
+BACKENDS = ("openai", "reference", "local")
 STAT_KEYS = ("requests", "sent", "cached", "failed", "retries", "prompt_tokens",
              "completion_tokens")
 DEFAULT_REFERENCE_PATH = (pathlib.Path(__file__).resolve().parent / "samples" /
@@ -184,6 +189,10 @@ def default_config() -> ml_collections.ConfigDict:
       "backoff_max_s": 60.0,
       "reference_path": "",
       "extra_body": {},
+      # 'local': an rlhi-exported or HF checkpoint directory served by rlhi's sampler.
+      "checkpoint": "",
+      "tokenizer": "",  # '' = the checkpoint's own
+      "local_batch_size": 16,
   })
 
 
@@ -794,6 +803,52 @@ class ReferenceClient(InferenceClient):
         on_result(i, ChatResult(key=request.key, text=text))
 
 
+class LocalClient(InferenceClient):
+  """rlhi's own model, in this process, through the KV-cache sampler.
+
+  jax is imported only when this backend is built, so `rlhi.data` stays light for the
+  other backends. Requests are grouped by sampling parameters and generated in batches;
+  `seed` (default 0) makes a sample reproducible, as for a server.
+  """
+
+  kind = "local"
+
+  def __init__(self, checkpoint: str, tokenizer: str = "", *, batch_size: int = 16):
+    super().__init__()
+    from rlhi import generate  # pylint: disable=g-import-not-at-top  (jax: lazily)
+    self.checkpoint = os.path.abspath(checkpoint)
+    self.tokenizer = tokenizer
+    self._generator = generate.ChatGenerator(checkpoint, tokenizer,
+                                             batch_size=batch_size)
+    self.name = f"local (rlhi sampler, checkpoint {self.checkpoint})"
+
+  def cache_identity(self) -> dict[str, Any]:
+    weights = sorted(pathlib.Path(self.checkpoint).glob("*.safetensors"))
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return {"backend": self.kind, "checkpoint": self.checkpoint,
+            "tokenizer": self.tokenizer, "weights": stamp}
+
+  def _answer(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
+    groups: dict[tuple, list[int]] = collections.defaultdict(list)
+    for i, r in enumerate(requests):
+      groups[(r.temperature, r.top_p, r.max_tokens, r.seed or 0)].append(i)
+    for (temperature, top_p, max_tokens, seed), idx in groups.items():
+      try:
+        gens = self._generator.generate(
+            [[dict(m) for m in requests[i].messages] for i in idx],
+            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+      except Exception as e:  # pylint: disable=broad-except  (reported per request)
+        for i in idx:
+          on_result(i, ChatResult(key=requests[i].key, text=None,
+                                  error=f"local generation failed: {type(e).__name__}: "
+                                        f"{_clip(str(e))}"))
+        continue
+      for i, g in zip(idx, gens):
+        on_result(i, ChatResult(key=requests[i].key, text=g.text,
+                                prompt_tokens=g.prompt_tokens,
+                                completion_tokens=g.completion_tokens, attempts=1))
+
+
 # ----------------------------------------------------------------------------------------
 # Persistent cache.
 # ----------------------------------------------------------------------------------------
@@ -956,6 +1011,12 @@ def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
       raise ValueError(f"client config: 'reference_path' must be a path string, got "
                        f"{values['reference_path']!r}")
     client = ReferenceClient(values["reference_path"] or None)
+  elif backend == "local":
+    if not values["checkpoint"]:
+      raise ValueError("client config: backend='local' needs 'checkpoint' (an HF "
+                       "checkpoint directory, e.g. <sft workdir>/hf)")
+    client = LocalClient(values["checkpoint"], values["tokenizer"],
+                         batch_size=values["local_batch_size"])
   else:
     raise ValueError(f"client config: backend={backend!r} is not supported; allowed: "
                      f"{', '.join(repr(b) for b in BACKENDS)}")

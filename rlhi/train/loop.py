@@ -60,10 +60,11 @@ class TrainResult:
 def train(cfg, workdir: str, task: Task) -> TrainResult:
   """Trains `task` with the config's optimizer, batch, mesh and checkpoint settings."""
   # ---- Mesh --------------------------------------------------------------------------
+  # Model code is traced under the mesh and rules (activation constraints); parameter
+  # init and loading run outside them and place arrays through explicit shardings.
   mesh = sharding.make_mesh(dict(cfg.mesh))
   rules = sharding.DEFAULT_RULES
-  with sharding.use_mesh(mesh, rules):
-    return _train(cfg, workdir, task, mesh, rules)
+  return _train(cfg, workdir, task, mesh, rules)
 
 
 def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
@@ -116,11 +117,13 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
   tokens, t0 = 0, time.perf_counter()
   step = saved = start
   preempted = False
+  context = sharding.use_mesh(mesh, rules)
+  context.__enter__()
   try:
     while step < total:
       host_batch = next(batches)
       tokens += _count_tokens(host_batch)
-      state, metrics = train_step(state, sharding.global_batch(host_batch))
+      state, metrics = train_step(state, sharding.global_batch(host_batch, mesh, rules))
       step += 1
       if pending is not None:
         _check_finite(*pending)
@@ -154,6 +157,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
       final_eval = dict(task.evaluate(state.params, step))
       writer.write(step, final_eval, prefix="eval")
   finally:
+    context.__exit__(None, None, None)
     ckpt.close()
     writer.close()
     preempt.restore_handler()

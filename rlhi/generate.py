@@ -1,0 +1,87 @@
+"""Chat generation from an rlhi / HF checkpoint: messages in, text out.
+
+Used by the `local` inference-client backend (rlhi/data/client.py), so the data stages
+can run against rlhi's own model, and by persona-guided inference: put the persona in
+the system message of the conversation (`ChatFormatter.messages(..., persona=...)`).
+
+Prompts are tokenized with the checkpoint's chat template, left-padded to a multiple of
+`prompt_multiple` and generated in fixed-size batches, so the sampler compiles once per
+(prompt bucket, new-token bucket) rather than per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from rlhi import sampling
+from rlhi import sharding
+from rlhi.models import hf_io
+from rlhi.models import llama
+from rlhi.models import tokenizer as tok_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  text: str
+  prompt_tokens: int
+  completion_tokens: int
+  finished: bool  # ended with a stop token (False: cut at the token limit)
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+  """Next power of two >= n: a few compiled output sizes instead of one per request."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+class ChatGenerator:
+  """Holds a model, its tokenizer and a mesh; generates replies to conversations."""
+
+  def __init__(self, checkpoint: str, tokenizer: str = "", *,
+               batch_size: int = 16, prompt_multiple: int = 64,
+               mesh_axes: Mapping[str, int] | None = None,
+               system_template: str = "{persona}"):
+    self.mesh = sharding.make_mesh(dict(mesh_axes or {"fsdp": -1}))
+    self.tok = tok_lib.load_tokenizer(tokenizer or checkpoint)
+    self.fmt = tok_lib.ChatFormatter(self.tok, system_template)
+    config = hf_io.load_config(checkpoint, scan_layers=False)
+    shardings = sharding.logical_shardings(llama.abstract_params(config), self.mesh)
+    self.config, self.params = hf_io.load_checkpoint(checkpoint, config, shardings)
+    self.batch_size = batch_size
+    self.prompt_multiple = prompt_multiple
+
+  def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]], *,
+               max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int = 0) -> list[Generation]:
+    """One reply per conversation (each ends with a user message)."""
+    prompts = [self.fmt.encode(list(c)).prompt_ids for c in conversations]
+    out: list[Generation] = []
+    key = jax.random.PRNGKey(seed)
+    width = _bucket(max_new_tokens)
+    for start in range(0, len(prompts), self.batch_size):
+      chunk = prompts[start:start + self.batch_size]
+      rows = chunk + [chunk[-1]] * (self.batch_size - len(chunk))  # fixed batch shape
+      tokens, lengths = sampling.left_pad(rows, self.fmt.pad_id,
+                                          multiple=self.prompt_multiple)
+      with sharding.use_mesh(self.mesh):
+        res = sampling.generate(
+            self.params, self.config, tokens, lengths, jax.random.fold_in(key, start),
+            max_new_tokens=width, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop_token_ids=self.fmt.stop_ids,
+            max_new_per_row=np.full(len(rows), max_new_tokens, np.int32),
+            pad_id=self.fmt.pad_id)
+      res = jax.device_get(res)
+      for i, prompt in enumerate(chunk):
+        n = int(res.lengths[i])
+        ids = [int(t) for t in res.tokens[i, :n]]
+        finished = bool(ids) and ids[-1] in self.fmt.stop_ids
+        out.append(Generation(text=self.fmt.decode(ids).strip(),
+                              prompt_tokens=len(prompt), completion_tokens=n,
+                              finished=finished))
+    return out

@@ -1,0 +1,87 @@
+"""The `local` inference backend: rlhi's tiny model and bundled tokenizer, via the sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import data_prep
+from rlhi.data import client as client_lib
+from rlhi.data import pipeline
+from rlhi.data import wildchat
+from rlhi.models import hf_io
+from rlhi.models import llama
+from rlhi.models import tokenizer as tok_lib
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny_hf"))
+  config = llama.get_config("tiny", **SMALL)
+  params = llama.init_params(config, jax.random.PRNGKey(0))
+  hf_io.save_checkpoint(params, config, path)
+  tok = tok_lib.load_tokenizer("bundled")
+  tok.save_pretrained(path)
+  return path, config, params, tok
+
+
+def _argmax_rollout(params, config, prompt, n, stop_ids):
+  """Independent greedy decode: full forward pass per token, no cache, no padding."""
+  ids = list(prompt)
+  width = 128  # right padding (segment id 0) cannot change causal logits; one compile
+  fwd = jax.jit(lambda p, t, s: llama.forward_logits(p, config, t, None, s))
+  for _ in range(n):
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(ids)] = ids
+    seg = (np.arange(width) < len(ids)).astype(np.int32)[None]
+    logits = fwd(params, tokens, seg)
+    nxt = int(jnp.argmax(logits[0, len(ids) - 1]))
+    ids.append(nxt)
+    if nxt in stop_ids:
+      break
+  return ids[len(prompt):]
+
+
+def test_local_backend_greedy_equals_an_argmax_rollout(checkpoint):
+  path, config, params, tok = checkpoint
+  cfg = client_lib.default_config()
+  cfg.backend, cfg.checkpoint, cfg.local_batch_size = "local", path, 4
+  convs = [[{"role": "user", "content": "how do i reverse a list in python"}],
+           [{"role": "system", "content": "Terse."},
+            {"role": "user", "content": "hola, una receta rápida?"}],
+           [{"role": "user", "content": "hi"}]]
+  with client_lib.make_client(cfg) as client:
+    assert client.name.startswith("local")
+    results = client.chat([client_lib.ChatRequest(key=f"k{i}", messages=tuple(c),
+                                                  max_tokens=12)
+                           for i, c in enumerate(convs)])
+  fmt = tok_lib.ChatFormatter(tok)
+  for conv, res in zip(convs, results):
+    assert res.ok, res.error
+    prompt = fmt.encode(conv).prompt_ids
+    want = _argmax_rollout(params, config, prompt, 12, fmt.stop_ids)
+    assert res.completion_tokens == len(want)
+    assert res.text == fmt.decode(want).strip()
+    assert res.prompt_tokens == len(prompt)
+
+
+def test_a_data_stage_runs_on_the_local_model(checkpoint, tmp_path):
+  path, *_ = checkpoint
+  cfg = data_prep.get_config("sample")
+  rows = (tmp_path / "rows.jsonl")
+  with open(wildchat.SAMPLE_ROWS) as f:
+    rows.write_text("".join(f.readlines()[:6]))  # a few conversations: CPU time
+  cfg.ingest.source = str(rows)
+  pipeline.run_stage("ingest", cfg, str(tmp_path))
+  cfg.client = client_lib.default_config()
+  cfg.client.backend, cfg.client.checkpoint = "local", path
+  cfg.classify.max_tokens = 8
+  report = pipeline.run_stage("classify", cfg, str(tmp_path))
+  # A random tiny model writes no valid JSON: every follow-up is accounted for as a
+  # reject with its reason, after exactly one re-ask each.
+  assert report["classified"] + sum(report["rejected"].values()) == report["follow_ups"]
+  assert report["follow_ups"] > 0
+  assert report["requests"]["requests"] == 2 * report["follow_ups"]
