@@ -529,8 +529,8 @@ def test_bad_config_errors(monkeypatch):
       setattr(c, k, v)
     return c
 
-  with pytest.raises(ValueError, match=r"backend='local'.*allowed: 'openai', 'reference'"):
-    client_lib.make_client(cfg(backend="local"))
+  with pytest.raises(ValueError, match=r"backend='vllm'.*allowed: 'openai', 'reference', 'local'"):
+    client_lib.make_client(cfg(backend="vllm"))
   monkeypatch.delenv("RLHI_NO_SUCH_KEY", raising=False)
   with pytest.raises(ValueError, match="RLHI_NO_SUCH_KEY"):
     client_lib.make_client(cfg(api_key_env="RLHI_NO_SUCH_KEY"))

@@ -85,3 +85,10 @@ def test_a_data_stage_runs_on_the_local_model(checkpoint, tmp_path):
   assert report["classified"] + sum(report["rejected"].values()) == report["follow_ups"]
   assert report["follow_ups"] > 0
   assert report["requests"]["requests"] == 2 * report["follow_ups"]
+
+
+def test_local_backend_needs_a_checkpoint():
+  cfg = client_lib.default_config()
+  cfg.backend = "local"
+  with pytest.raises(ValueError, match="needs 'checkpoint'"):
+    client_lib.make_client(cfg)
