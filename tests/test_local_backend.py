@@ -13,14 +13,10 @@ from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import tokenizer as tok_lib
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-             num_kv_heads=2, head_dim=16)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tiny_hf"))
-  config = llama.get_config("tiny", **SMALL)
+  config = llama.get_config("tiny")  # the demo's model, with random weights
   params = llama.init_params(config, jax.random.PRNGKey(0))
   hf_io.save_checkpoint(params, config, path)
   tok = tok_lib.load_tokenizer("bundled")
