@@ -102,6 +102,19 @@ _SIZES = {
 }
 
 
+def parse_model_arg(arg: str | None, **defaults: Any
+                    ) -> tuple[ml_collections.ConfigDict, str]:
+  """parse_arg plus one bool variant per model size ('tiny', 'llama3_8b', ...).
+
+  Returns (parsed arg, the chosen size; 'tiny' when none is named).
+  """
+  parsed = parse_arg(arg, **{size: False for size in _SIZES}, **defaults)
+  chosen = [size for size in _SIZES if parsed[size]]
+  if len(chosen) > 1:
+    raise ValueError(f"config arg '{arg}' names several model sizes: {chosen}")
+  return parsed, chosen[0] if chosen else "tiny"
+
+
 def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigDict:
   """The fields every training config shares (see rlhi/train/loop.py)."""
   if model not in _SIZES:

@@ -21,12 +21,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, small=False, llama3_1b=False,
-                         llama3_8b=False, llama3_70b=False, qwen2_7b=False,
-                         no_persona=False, steps=0)
-  sizes = [s for s in ("small", "llama3_1b", "llama3_8b", "llama3_70b", "qwen2_7b")
-           if arg[s]]
-  model = sizes[0] if sizes else "tiny"
+  arg, model = common.parse_model_arg(arg, no_persona=False, steps=0)
   config = common.train_config(model, steps=arg.steps or 200, lr=1e-4 if model in (
       "tiny", "small") else 2e-6)
   config.data.with_persona = not arg.no_persona

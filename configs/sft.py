@@ -18,12 +18,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, tiny=False, small=False, llama3_1b=False,
-                         llama3_8b=False, llama3_70b=False, qwen2_7b=False,
-                         no_persona=False, steps=0)
-  sizes = [s for s in ("small", "llama3_1b", "llama3_8b", "llama3_70b", "qwen2_7b")
-           if arg[s]]
-  model = sizes[0] if sizes else "tiny"
+  arg, model = common.parse_model_arg(arg, no_persona=False, steps=0)
   config = common.train_config(model, steps=arg.steps or 300,
                                lr=1e-3 if model == "tiny" else
                                3e-4 if model == "small" else 1e-5)
