@@ -105,7 +105,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
   dropped for this array and resolution is repeated, so the next rule for the
   same logical name acts as the fallback.
   """
-  rules = list(rules)
+  rules = [(name, tuple(axes) if isinstance(axes, list) else axes)
+           for name, axes in rules]
   while True:
     spec = nn.logical_to_mesh_axes(tuple(names), rules)
     bad = next((i for i, (axes, dim) in enumerate(zip(spec, shape))
