@@ -14,6 +14,7 @@ Host/device transfers are explicit: host batches become global arrays through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -117,9 +118,9 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
   tokens, t0 = 0, time.perf_counter()
   step = saved = start
   preempted = False
-  context = sharding.use_mesh(mesh, rules)
-  context.__enter__()
+  stack = contextlib.ExitStack()
   try:
+    stack.enter_context(sharding.use_mesh(mesh, rules))
     while step < total:
       host_batch = next(batches)
       tokens += _count_tokens(host_batch)
@@ -139,6 +140,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
       if task.evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
         writer.write(step, task.evaluate(state.params, step), prefix="eval")
       if step % cfg.checkpoint.every == 0 or step == total:
+        _check_finite(*pending)  # never checkpoint the state of a failed step
         ckpt.save(step, state, batches.get_state(), force=step == total)
         saved = step
       if preempt.requested or ckpt.reached_preemption(step):
@@ -157,7 +159,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
       final_eval = dict(task.evaluate(state.params, step))
       writer.write(step, final_eval, prefix="eval")
   finally:
-    context.__exit__(None, None, None)
+    stack.close()
     ckpt.close()
     writer.close()
     preempt.restore_handler()
