@@ -2,9 +2,9 @@
 
 Prefill of the left-padded prompts, then `lax.while_loop`s that decode one
 token per step for all rows, writing keys/values into the cache in place and
-exiting early once every row has stopped. The cache grows between loops (at
-64, 128, 256, ... new tokens) so that early steps read only the slots that
-can be filled: on CPU, decoding is bound by memory traffic.
+exiting early once every row has stopped. The cache grows between loops (by
+~25% each time) so that early steps read only the slots that can be filled:
+decoding is bound by memory traffic.
 
 Only shapes, the model config, `max_new_tokens` and the active logical-axis
 rules are static: new prompts of the same padded shape, seeds, temperatures,
@@ -19,6 +19,7 @@ rules that are active at the call.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax
@@ -74,16 +75,6 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0,
     if len(seq):
       tokens[row, length - len(seq):] = seq
   return tokens, lengths
-
-
-def _argmax(x: Array) -> Array:
-  """First index of the row maximum. [B, V] -> [B] int32.
-
-  Two plain reductions; XLA:CPU's variadic argmax reduce is ~10x slower.
-  """
-  iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  is_max = x == jnp.max(x, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(is_max, iota, x.shape[-1]), axis=-1)
 
 
 def _ordered_keys(x: Array) -> Array:
@@ -197,17 +188,35 @@ def _categorical(rng: Array, logits: Array, block: int = 64) -> Array:
   return (j * block + i).astype(jnp.int32)
 
 
-def sample_tokens(rng: Array, logits: Array, temperature: Array,
-                  top_k: Array, top_p: Array) -> Array:
-  """One token per row: argmax where temperature <= 0, else a draw from
-  softmax(`filter_logits`). logits [B, V] -> [B] int32."""
-  greedy = _argmax(logits)
+def _sample_with_logprob(rng: Array, logits: Array, temperature: Array,
+                         top_k: Array, top_p: Array) -> tuple[Array, Array]:
+  """(tokens [B] int32, log p(token) [B] under softmax(logits)).
+
+  Shares the row max between the argmax and the log-normaliser: every pass
+  over [B, vocab] counts in a memory-bound decode step.
+  """
+  v = logits.shape[-1]
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  iota = lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+  # First index of the maximum (XLA:CPU's variadic argmax is ~10x slower).
+  greedy = jnp.min(jnp.where(logits == row_max, iota, v), axis=-1)
 
   def draw(_):
     return _categorical(rng, filter_logits(logits, temperature, top_k, top_p))
 
   drawn = lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
-  return jnp.where(temperature > 0, drawn, greedy)
+  token = jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+  log_norm = row_max[:, 0] + jnp.log(
+      jnp.sum(jnp.exp(logits - row_max), axis=-1))
+  picked = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0]
+  return token, picked - log_norm
+
+
+def sample_tokens(rng: Array, logits: Array, temperature: Array,
+                  top_k: Array, top_p: Array) -> Array:
+  """One token per row: argmax where temperature <= 0, else a draw from
+  softmax(`filter_logits`). logits [B, V] -> [B] int32."""
+  return _sample_with_logprob(rng, logits, temperature, top_k, top_p)[0]
 
 
 def _per_row(x, batch: int, dtype) -> Array:
@@ -279,7 +288,7 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, temperature, top_k,
     # Unrolled layers for decoding: a scan would copy every layer's weights
     # out of the stack on every step; this copies them once.
     params, config = llama.unstack_layers(params, config)
-    ends = _phase_ends(max_new_tokens)
+    ends = _phase_ends(prompt_len, max_new_tokens)
     cache = llama.init_cache(config, batch, prompt_len + ends[0])
     hidden, cache = llama.forward(params, config, prompt_tokens, positions,
                                   segment_ids, cache)
@@ -288,10 +297,8 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, temperature, top_k,
 
     def body(state):
       step, logits, cache, tokens, logprobs, done, lengths, pos = state
-      token = sample_tokens(jax.random.fold_in(rng, step), logits,
-                            temperature, top_k, top_p)
-      logp = jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                 token[:, None], axis=-1)[:, 0]
+      token, logp = _sample_with_logprob(jax.random.fold_in(rng, step),
+                                         logits, temperature, top_k, top_p)
       active = ~done
       tokens = lax.dynamic_update_slice(
           tokens, jnp.where(active, token, pad_id)[:, None], (0, step))
@@ -330,13 +337,18 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, temperature, top_k,
     return SampleOutput(tokens=state[3], logprobs=state[4], lengths=state[6])
 
 
-def _phase_ends(max_new_tokens: int, first: int = 64) -> list[int]:
-  """Steps at which the cache grows: 64, 128, 256, ... then max_new_tokens.
+def _phase_ends(prompt_len: int, max_new_tokens: int, step: int = 32,
+                growth: float = 1.25) -> list[int]:
+  """New-token counts at which the cache grows, then max_new_tokens.
 
-  Doubling keeps the number of compiled loop bodies logarithmic.
+  Each phase's cache is ~`growth` times the previous one (in multiples of
+  `step` tokens): a step reads at most ~25% (or `step`) more slots than are
+  filled, while the number of compiled loop bodies stays logarithmic.
+  E.g. prompt 32, 256 new tokens: [32, 64, 96, 128, 192, 256].
   """
-  ends, end = [], first
+  ends, end = [], step
   while end < max_new_tokens:
     ends.append(end)
-    end *= 2
+    grown = math.ceil((prompt_len + end) * growth) - prompt_len
+    end = max(end + step, -(-grown // step) * step)
   return ends + [max_new_tokens]

@@ -272,6 +272,9 @@ def _loss(params, config, tokens):
   return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
 
+_value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
+
+
 def test_scan_and_unrolled_layers_agree(params):
   tokens = _tokens((2, 12))
   unscanned, config = llama.unstack_layers(params, CONFIG)
@@ -279,9 +282,8 @@ def test_scan_and_unrolled_layers_agree(params):
   np.testing.assert_allclose(
       forward(unscanned, config, tokens),
       forward(params, CONFIG, tokens), rtol=1e-5, atol=1e-5)
-  grad = jax.jit(jax.grad(_loss), static_argnums=1)
-  g_scan = grad(params, CONFIG, tokens)
-  g_unrolled = grad(unscanned, config, tokens)
+  _, g_scan = _value_and_grad(params, CONFIG, tokens)
+  _, g_unrolled = _value_and_grad(unscanned, config, tokens)
   g_restacked, _ = llama.stack_layers(g_unrolled, config)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),
@@ -296,9 +298,8 @@ def test_remat_keeps_outputs_and_grads(params, policy, scan):
   base = dataclasses.replace(CONFIG, scan_layers=scan)
   p = params if scan else llama.unstack_layers(params, CONFIG)[0]
   remat = dataclasses.replace(base, remat_policy=policy)
-  value_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
-  loss, grads = value_and_grad(p, base, tokens)
-  loss_r, grads_r = value_and_grad(p, remat, tokens)
+  loss, grads = _value_and_grad(p, base, tokens)  # Compiled once per `scan`.
+  loss_r, grads_r = _value_and_grad(p, remat, tokens)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6),

@@ -1,7 +1,6 @@
 """Sharded forward and sampling on 8 simulated devices equal unsharded."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -91,9 +90,10 @@ def test_init_params_directly_sharded(params, axes):
   mesh = sharding.make_mesh(axes)
   shardings = sharding.logical_shardings(llama.abstract_params(CONFIG), mesh)
   sharded = llama.init_params(CONFIG, jax.random.key(0), shardings)
-  jax.tree.map(lambda a, b, s: (np.testing.assert_array_equal(a, b),
-                                a.sharding.is_equivalent_to(s, a.ndim)),
-               sharded, params, shardings)
+  for a, b, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(params),
+                     jax.tree.leaves(shardings)):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding.is_equivalent_to(s, a.ndim)
   q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.sharding.spec == P(None, "fsdp", "tensor", None)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_dtypes
 import numpy as np
 import safetensors
@@ -158,7 +159,7 @@ def model_type_of(config: llama.LlamaConfig) -> str:
 
 
 def config_to_hf(config: llama.LlamaConfig) -> dict[str, Any]:
-  """LlamaConfig -> HF config.json dict (keys that transformers and vLLM use)."""
+  """LlamaConfig -> HF config.json dict (keys read by transformers, vLLM)."""
   model_type = model_type_of(config)
   rs = config.rope_scaling
   eos = list(config.eos_token_ids)
@@ -481,8 +482,7 @@ def _slice_reader(tensor: Callable, names_kinds, layer_shape, stacked: bool,
 
 
 def _host_array(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if not x.is_fully_addressable:  # Multi-host: a collective gather.
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
