@@ -145,6 +145,16 @@ def logical_shardings(abstract_params: Any, mesh: Mesh,
       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def strip_boxes(tree: Any) -> Any:
+  """Logically boxed leaves (nn.Partitioned) -> their values.
+
+  Unlike `nn.meta.unbox`, adds no sharding constraint: unbox() constrains each value
+  to its logical spec, which fails outside jit while a mesh and rules are active.
+  """
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def shard_params(params: Any, shardings: Any) -> Any:
   """Places an existing (unboxed) params pytree onto the given shardings."""
   return jax.device_put(params, shardings)

@@ -23,7 +23,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import ml_dtypes
@@ -31,6 +30,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from rlhi import sharding as sharding_lib
 from rlhi.models import llama
 
 Params = Any
@@ -299,7 +299,7 @@ def _read(tensor_slice, kind: str, idx: tuple[slice, ...],
 def _leaves(config: llama.LlamaConfig) -> list[tuple[tuple[str, ...],
                                                     tuple[int, ...]]]:
   """(path, shape) of every parameter of `config`, in a stable order."""
-  shapes = nn.meta.unbox(llama.abstract_params(config))
+  shapes = sharding_lib.strip_boxes(llama.abstract_params(config))
   flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
   return [(tuple(k.key for k in path), tuple(leaf.shape))
           for path, leaf in flat]
@@ -402,7 +402,7 @@ def load_checkpoint(
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device,
-                             nn.meta.unbox(llama.abstract_params(config)))
+                             sharding_lib.strip_boxes(llama.abstract_params(config)))
   sharding_leaves = jax.tree.leaves(
       shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
   if len(sharding_leaves) != len(leaves):
@@ -444,7 +444,7 @@ def load_checkpoint(
           _slice_reader(tensor, names_kinds, layer_shape, stacked, dtype),
           dtype=dtype))
     params = jax.tree.unflatten(
-        jax.tree.structure(nn.meta.unbox(llama.abstract_params(config))),
+        jax.tree.structure(sharding_lib.strip_boxes(llama.abstract_params(config))),
         arrays)
   return config, params
 

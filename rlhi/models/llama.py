@@ -45,6 +45,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhi import sharding
+
 Array = jax.Array
 Params = Any  # A nested dict of arrays.
 
@@ -746,7 +748,11 @@ def _dummy_inputs():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(config: LlamaConfig, rng: Array) -> Params:
-  return nn.meta.unbox(Llama(config).init(rng, *_dummy_inputs())["params"])
+  # No activation constraints while tracing the 1x1 dummy input: under a mesh its
+  # batch of one could not take the batch sharding.
+  with nn.logical_axis_rules(()):
+    boxed = Llama(config).init(rng, *_dummy_inputs())["params"]
+  return sharding.strip_boxes(boxed)
 
 
 def init_params(config: LlamaConfig, rng: Array, shardings: Any = None
@@ -771,13 +777,14 @@ def abstract_params(config: LlamaConfig) -> Params:
 
   Input to `rlhi.sharding.logical_shardings`; allocates nothing.
   """
-  return jax.eval_shape(
-      lambda: Llama(config).init(jax.random.key(0), *_dummy_inputs())
-  )["params"]
+  with nn.logical_axis_rules(()):
+    return jax.eval_shape(
+        lambda: Llama(config).init(jax.random.key(0), *_dummy_inputs())
+    )["params"]
 
 
 def param_count(config: LlamaConfig) -> int:
-  shapes = nn.meta.unbox(abstract_params(config))
+  shapes = sharding.strip_boxes(abstract_params(config))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 

@@ -21,7 +21,6 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -81,7 +80,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
                                keep=cfg.checkpoint.keep,
                                keep_every=cfg.checkpoint.keep_every,
                                use_async=cfg.checkpoint.use_async)
-  restored = ckpt.restore(ckpt_lib.abstract_like(_values(abstract_state),
+  restored = ckpt.restore(ckpt_lib.abstract_like(sharding.strip_boxes(abstract_state),
                                                  state_shardings))
   if restored is None:
     params = task.init_params(state_shardings.params)
@@ -164,12 +163,6 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
     writer.close()
     preempt.restore_handler()
   return TrainResult(step, state, preempted, state_shardings.params, final_eval)
-
-
-def _values(tree: Any) -> Any:
-  """Strips the logical-axis boxes (without unbox(), which would add constraints)."""
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _check_finite(step: int, metrics: Mapping[str, Any]) -> None:
