@@ -13,8 +13,7 @@ silently run the default.
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Iterable
+from typing import Any
 
 import ml_collections
 
@@ -55,31 +54,6 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       raise ValueError(f"config arg '{name}' needs a value: '{name}=...'")
     out[name] = _parse_value(name, text.strip(), defaults[name])
   return ml_collections.ConfigDict(out)
-
-
-def format_arg(values: dict[str, Any]) -> str:
-  """Inverse of parse_arg for launching: {'sample': True, 'n': 2} -> 'sample=True,n=2'."""
-  return ",".join(f"{k}={v}" for k, v in values.items())
-
-
-def product(*axes: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-  """Sweep helper: the cartesian product of lists of override dicts.
-
-  product([{'lr': 1e-6}, {'lr': 3e-6}], [{'beta': 0.1}, {'beta': 0.3}]) gives four
-  dicts, each the union of one choice per axis.
-  """
-  out = []
-  for combo in itertools.product(*axes):
-    merged: dict[str, Any] = {}
-    for d in combo:
-      merged.update(d)
-    out.append(merged)
-  return out
-
-
-def sweep(name: str, values: Iterable[Any]) -> list[dict[str, Any]]:
-  """One sweep axis: sweep('optimizer.lr', [1e-6, 3e-6]) -> [{'optimizer.lr': ...}, ...]."""
-  return [{name: v} for v in values]
 
 
 # Model sizes: (batch size, mesh, remat, steps) that suit each, so that one config file

@@ -8,7 +8,6 @@ accumulation and multi-host averaging exact.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 Array = jax.Array
 

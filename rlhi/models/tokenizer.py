@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED_DIR = os.path.join(ASSETS, "bundled_tokenizer")

@@ -53,7 +53,6 @@ class TrainResult:
   step: int
   state: step_lib.TrainState
   preempted: bool
-  param_shardings: Any
   final_eval: Mapping[str, float]
 
 
@@ -162,7 +161,7 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
     ckpt.close()
     writer.close()
     preempt.restore_handler()
-  return TrainResult(step, state, preempted, state_shardings.params, final_eval)
+  return TrainResult(step, state, preempted, final_eval)
 
 
 def _check_finite(step: int, metrics: Mapping[str, Any]) -> None:

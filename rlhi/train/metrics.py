@@ -53,11 +53,3 @@ class MetricWriter:
       self._bar.close()
       self._tb.close()
       self._jsonl.close()
-
-
-def read_jsonl_metrics(workdir: str) -> list[dict[str, float]]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]

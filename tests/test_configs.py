@@ -1,0 +1,45 @@
+"""Config argument parsing and every config file's variants."""
+
+import pytest
+
+from configs import common
+from configs import data_prep
+from configs import reward_model
+from configs import sft
+from rlhi.train import model_init
+
+
+def test_parse_arg_types_and_errors():
+  a = common.parse_arg("sample,min_turns=3,name=x", sample=False, min_turns=1, name="y",
+                       lr=1e-3)
+  assert (a.sample, a.min_turns, a.name, a.lr) == (True, 3, "x", 1e-3)
+  assert common.parse_arg("flag=false", flag=True).flag is False
+  with pytest.raises(ValueError, match="unknown config arg 'mni_turns'.*known: min_turns"):
+    common.parse_arg("mni_turns=2", min_turns=1)
+  with pytest.raises(ValueError, match="expected int, got 'two'"):
+    common.parse_arg("min_turns=two", min_turns=1)
+  with pytest.raises(ValueError, match="needs a value"):
+    common.parse_arg("min_turns", min_turns=1)
+
+
+def test_model_size_variants():
+  assert common.parse_model_arg(None)[1] == "tiny"
+  assert common.parse_model_arg("llama3_8b")[1] == "llama3_8b"
+  with pytest.raises(ValueError, match="several model sizes"):
+    common.parse_model_arg("tiny,small")
+
+
+def test_config_files_build():
+  assert data_prep.get_config("sample").client.backend == "reference"
+  assert data_prep.get_config("user_agent").ingest.user_key == ("hashed_ip", "user_agent")
+  rm = reward_model.get_config("llama3_8b,no_persona,steps=7")
+  assert (rm.model.name, rm.data.with_persona, rm.total_steps) == ("llama3_8b", False, 7)
+  assert rm.model.remat_policy == "full"
+  assert sft.get_config("small").model.name == "small"
+
+
+def test_model_overrides():
+  assert model_init.parse_overrides("num_layers=2, dtype=bfloat16") == {
+      "num_layers": 2, "dtype": "bfloat16"}
+  with pytest.raises(ValueError, match="LlamaConfig field"):
+    model_init.parse_overrides("num_layer=2")
