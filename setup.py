@@ -38,7 +38,7 @@ setuptools.setup(
     ],
     extras_require={
         # torch is only a reference for parity tests and benchmarks (HF in torch).
-        "test": ["pytest", "torch==2.13.0"],
-        "bench": ["torch==2.13.0"],
+        "test": ["ipykernel", "nbclient", "nbformat", "pytest", "torch==2.13.0"],
+        "bench": ["torch==2.13.0", "trl"],
     },
 )
