@@ -14,6 +14,7 @@ setuptools.setup(
     package_data={
         "rlhi.data": ["prompts/*.txt", "samples/*.jsonl", "samples/*.md",
                       "samples/source/*.json"],
+        "rlhi.eval": ["prompts/*.txt"],
     },
     install_requires=[
         "absl-py",
