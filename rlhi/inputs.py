@@ -55,6 +55,9 @@ SFT_KEYS = ("tokens", "loss_mask")
 SFT_META = ("example_id", "user_id")
 PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PAIR_META = ("pair_id", "user_id")
+# Optional per-pair floats that ride along with pairs (DPO's cached reference log-probs,
+# rlhi/train/reference.py); padding rows get 0.
+PAIR_FLOATS = ("ref_chosen_logps", "ref_rejected_logps")
 SEQUENCE_FIELDS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 
 Example = dict[str, Any]
@@ -436,6 +439,9 @@ def _normalise(example: Mapping[str, Any]) -> Example:
   """One form for every source: int32 arrays and Python strings (TFDS gives bytes)."""
   ids, meta = _layout(_kind(example))
   out = {k: np.asarray(example[k], dtype=np.int32) for k in ids}
+  for k in PAIR_FLOATS:
+    if k in example:
+      out[k] = np.float32(example[k])
   for k in meta:
     v = example.get(k, "")
     out[k] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
@@ -606,7 +612,8 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
 
   SFT: tokens, targets, loss_mask, positions, segment_ids: [B, L]; valid: bool[B].
   Pairs: chosen_* and rejected_* (the same five, both [B, L], one L for both so they
-  stack into one forward pass), prompt_length: int32[B], valid: bool[B].
+  stack into one forward pass), prompt_length: int32[B], valid: bool[B], and float32[B]
+  `ref_chosen_logps` / `ref_rejected_logps` when the examples carry them.
   L is the smallest bucket holding the longest sequence of `length_of` (default: of
   `examples`): a host pads its rows to the bucket of the whole global batch, so that
   every host builds the same shape. Rows past len(examples) (a last partial batch) are
@@ -635,6 +642,10 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
                for e in examples]
       rows = _pad_rows(seqs, masks, batch_size, length, pad_id)
       batch |= {f"{side}_{k}": v for k, v in rows.items()}
+    for k in PAIR_FLOATS:
+      if k in length_of[0]:
+        batch[k] = np.zeros(batch_size, np.float32)
+        batch[k][:len(examples)] = [e[k] for e in examples]
   batch["valid"] = valid
   if with_metadata:
     for k in _layout(kind)[1]:

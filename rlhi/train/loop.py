@@ -46,6 +46,9 @@ class Task:
   pad_id: int
   # (params, step) -> {name: value}; run every eval_every steps and at the end.
   evaluate: Callable[[Any, int], Mapping[str, float]] | None = None
+  # Arrays the loss reads but does not train (DPO's live reference params), already
+  # placed on the mesh; passed as loss_fn's fourth argument (rlhi/train/step.py).
+  frozen: Any = None
 
 
 @dataclasses.dataclass
@@ -56,12 +59,17 @@ class TrainResult:
   final_eval: Mapping[str, float]
 
 
-def train(cfg, workdir: str, task: Task) -> TrainResult:
-  """Trains `task` with the config's optimizer, batch, mesh and checkpoint settings."""
+def train(cfg, workdir: str, task: Task, mesh: jax.sharding.Mesh | None = None
+          ) -> TrainResult:
+  """Trains `task` with the config's optimizer, batch, mesh and checkpoint settings.
+
+  `mesh` defaults to `sharding.make_mesh(cfg.mesh)`; pass the one the caller already
+  built when it placed arrays (e.g. `task.frozen`) before training.
+  """
   # ---- Mesh --------------------------------------------------------------------------
   # Model code is traced under the mesh and rules (activation constraints); parameter
   # init and loading run outside them and place arrays through explicit shardings.
-  mesh = sharding.make_mesh(dict(cfg.mesh))
+  mesh = mesh or sharding.make_mesh(dict(cfg.mesh))
   rules = sharding.DEFAULT_RULES
   return _train(cfg, workdir, task, mesh, rules)
 
@@ -104,10 +112,15 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
     batches.set_state(data_state)
 
   # ---- Update step -------------------------------------------------------------------
-  train_step = jax.jit(
-      step_lib.make_train_step(task.loss_fn, optimizer, cfg.accum_steps),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-      donate_argnums=0)
+  update = step_lib.make_train_step(task.loss_fn, optimizer, cfg.accum_steps)
+  if task.frozen is None:
+    train_step = jax.jit(update, in_shardings=(state_shardings, None),
+                         out_shardings=(state_shardings, None), donate_argnums=0)
+  else:
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, task.frozen)
+    jitted = jax.jit(update, in_shardings=(state_shardings, None, frozen_shardings),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+    train_step = lambda state, batch: jitted(state, batch, task.frozen)
 
   # ---- Loop --------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, total, initial_step=start, desc=task.name)
@@ -180,11 +193,13 @@ def _count_tokens(batch: Mapping[str, np.ndarray]) -> int:
 
 def evaluate_examples(eval_step: Callable, params: Any,
                       examples: Sequence[Mapping[str, Any]], *, batch_size: int,
-                      pad_id: int, bucket_lengths: Sequence[int]) -> dict[str, float]:
+                      pad_id: int, bucket_lengths: Sequence[int], frozen: Any = None
+                      ) -> dict[str, float]:
   """Means of `eval_step`'s (sum, count) metrics over every example, once.
 
   `eval_step` is jitted by the caller (rlhi.train.step.make_eval_step). Runs inside
-  the mesh of `train`; the last batch is padded with rows marked invalid.
+  the mesh of `train`; the last batch is padded with rows marked invalid. `frozen` is
+  passed on to the loss (see Task.frozen).
   """
   n_proc = jax.process_count()
   batches = inputs.make_batches(
@@ -193,7 +208,9 @@ def evaluate_examples(eval_step: Callable, params: Any,
       drop_remainder=False, process_index=jax.process_index(), process_count=n_proc)
   totals = None
   for host_batch in batches:
-    sums = eval_step(params, sharding.global_batch(host_batch), jax.random.PRNGKey(0))
+    extra = () if frozen is None else (frozen,)
+    sums = eval_step(params, sharding.global_batch(host_batch), jax.random.PRNGKey(0),
+                     *extra)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   if totals is None:
     return {}

@@ -8,6 +8,7 @@ batch) count for nothing.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from rlhi import losses
@@ -61,3 +62,78 @@ def with_reward_std(metrics):
   if "reward_sq" in out:
     out["reward_std"] = max(0.0, out.pop("reward_sq") - out["reward_mean"] ** 2) ** 0.5
   return out
+
+
+def sequence_logps(params, config: llama.LlamaConfig, batch, chunk: int = 256
+                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Summed response log-probs and response lengths of a pairs batch: ([2B], [2B]).
+
+  Chosen rows first, then rejected (row i and B + i are one pair), in one forward pass.
+  Only positions whose target is a response token count (loss_mask), so prompt tokens
+  and padding never contribute; the LM head runs over chunks of `chunk` positions, so
+  no [2B, L, vocab] float32 logits are held (llama.token_logprobs).
+  """
+  cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+  logp = llama.token_logprobs(params, config, cat("tokens"), cat("positions"),
+                              cat("segment_ids"), cat("targets"), chunk)
+  mask = cat("loss_mask")
+  return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "sigmoid",
+             loss_weights: tuple[float, ...] | None = None, beta: float = 0.1,
+             label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chunk: int = 256,
+             live_reference: bool = False, ref_config: llama.LlamaConfig | None = None
+             ) -> step_lib.LossFn:
+  """DPO over a batch of pairs (rlhi.losses.dpo_loss): (sum of pair losses, pairs).
+
+  Reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`,
+  precomputed once by rlhi/train/reference.py) or, with `live_reference`, from the
+  reference params passed as the loss's fourth argument (Task.frozen), each step;
+  `ref_config` is the reference model's config when it differs from the policy's.
+
+  Metrics (TRL's names): rewards/{chosen,rejected,accuracies,margins} with rewards =
+  beta * (policy - reference) log-ratio; logps/{chosen,rejected} (policy, summed over
+  the response); kl_proxy = mean over both responses of (policy - reference) log-prob
+  per response token. The last is measured on the data's responses, not on samples of
+  the policy, so it is a drift indicator that can be negative, not a KL divergence.
+  """
+  options = dict(loss_type=loss_type, loss_weights=loss_weights, beta=beta,
+                 label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
+  # Fail on bad options (unknown loss type, label_smoothing out of range) now, at
+  # config time, rather than inside the first traced step.
+  one = jnp.ones(1)
+  jax.eval_shape(lambda: losses.dpo_loss(one, one, one, one, chosen_length=one,
+                                         rejected_length=one, **options))
+
+  def loss_fn(params, batch, rng, ref_params=None):
+    del rng
+    b = batch["chosen_tokens"].shape[0]
+    logps, lengths = sequence_logps(params, config, batch, chunk)
+    if live_reference:
+      if ref_params is None:
+        raise ValueError("dpo_loss(live_reference=True) needs the reference params "
+                         "as the loss's fourth argument (Task.frozen)")
+      ref, _ = sequence_logps(ref_params, ref_config or config, batch, chunk)
+      ref = jax.lax.stop_gradient(ref)
+    else:
+      ref = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    w = batch["valid"].astype(jnp.float32)
+    out = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:],
+                          chosen_length=lengths[:b], rejected_length=lengths[b:],
+                          weights=w, **options)
+    n = w.sum()
+    cr, rr = out.chosen_rewards, out.rejected_rewards
+    drift = ((logps - ref) / jnp.maximum(lengths, 1.0)).reshape(2, b).mean(0)
+    metrics = {
+        "rewards/chosen": ((cr * w).sum(), n),
+        "rewards/rejected": ((rr * w).sum(), n),
+        "rewards/accuracies": (((cr > rr) * w).sum(), n),
+        "rewards/margins": (((cr - rr) * w).sum(), n),
+        "logps/chosen": ((logps[:b] * w).sum(), n),
+        "logps/rejected": ((logps[b:] * w).sum(), n),
+        "kl_proxy": ((drift * w).sum(), n),
+    }
+    return (out.losses * w).sum(), (n, metrics)
+
+  return loss_fn

@@ -10,6 +10,11 @@ denominator counts tokens for SFT, pairs for RM/DPO). With `accum_steps` = k the
 is split into k strided microbatches and the gradients of the sums are added before
 dividing once, so k x b equals 1 x kb up to float rounding.
 
+Some objectives need fixed arrays besides the trained params (DPO's live reference
+model): `make_train_step(...)(state, batch, frozen)` passes `frozen` to the loss as a
+fourth argument, `loss_fn(params, batch, rng, frozen)`; it gets no gradient and, being
+an argument rather than a closure constant, is sharded like any input.
+
 A step whose loss or gradient norm is not finite leaves the state unchanged and reports
 `finite = 0`; the training loop stops on it with a clear message.
 """
@@ -77,12 +82,15 @@ def sums_and_grads(loss_fn: LossFn, params: Any, batch: Any, rng: jax.Array,
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     accum_steps: int = 1):
-  """(state, batch) -> (state, metrics); jit it with donate_argnums=0."""
+  """(state, batch[, frozen]) -> (state, metrics); jit it with donate_argnums=0."""
 
-  def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+  def train_step(state: TrainState, batch: Any, frozen: Any = None
+                 ) -> tuple[TrainState, dict[str, Any]]:
     rng, step_rng = jax.random.split(state.rng)
     step_rng = jax.random.fold_in(step_rng, state.step)
-    num, den, sums, grads = sums_and_grads(loss_fn, state.params, batch, step_rng,
+    fn = loss_fn if frozen is None else (
+        lambda p, b, r: loss_fn(p, b, r, jax.lax.stop_gradient(frozen)))
+    num, den, sums, grads = sums_and_grads(fn, state.params, batch, step_rng,
                                            accum_steps)
     den = jnp.maximum(den, 1e-9)
     grads = jax.tree.map(lambda g: g / den, grads)
@@ -105,11 +113,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(loss_fn: LossFn):
-  """(params, batch, rng) -> {name: (sum, count)} including 'loss'; add these over
-  batches and divide at the end (exact across batches and hosts)."""
+  """(params, batch, rng[, frozen]) -> {name: (sum, count)} including 'loss'; add these
+  over batches and divide at the end (exact across batches and hosts)."""
 
-  def eval_step(params: Any, batch: Any, rng: jax.Array) -> Metrics:
-    num, (den, sums) = loss_fn(params, batch, rng)
+  def eval_step(params: Any, batch: Any, rng: jax.Array, frozen: Any = None) -> Metrics:
+    extra = () if frozen is None else (frozen,)
+    num, (den, sums) = loss_fn(params, batch, rng, *extra)
     return {"loss": (num, den), **sums}
 
   return eval_step
