@@ -14,6 +14,8 @@ On a TPU slice, from the SFT policy (same command on every worker; tpu/README.md
 Variants:
   rewrites             (default) pairs from user-guided rewrites, persona in the prompt
   rewrites_no_persona  the same pairs without the persona (the ablation)
+  user_rewards         online rounds: sample, score with the reward model, DPO on best
+                       vs worst (experiments/user_rewards.py); rounds=N
   live                 reference log-probs computed every step instead of cached
   a model size         tiny | small | llama3_1b | llama3_8b | llama3_70b | qwen2_7b
   steps=N
@@ -37,14 +39,18 @@ from configs import common
 
 def get_config(arg=None):
   arg, model = common.parse_model_arg(arg, rewrites=False, rewrites_no_persona=False,
-                                      live=False, steps=0)
-  if arg.rewrites and arg.rewrites_no_persona:
-    raise ValueError("configs/dpo.py: choose one of rewrites, rewrites_no_persona")
+                                      user_rewards=False, live=False, steps=0,
+                                      rounds=0)
+  if arg.rewrites + arg.rewrites_no_persona + arg.user_rewards > 1:
+    raise ValueError("configs/dpo.py: choose one of rewrites, rewrites_no_persona, "
+                     "user_rewards")
   config = common.train_config(
       model, steps=arg.steps or 150,
       lr=5e-5 if model == "tiny" else 1e-5 if model == "small" else 5e-7)
   config.data.with_persona = not arg.rewrites_no_persona
-  config.data.pairs = "pairs_rewrites.{split}.jsonl"  # under data.dir
+  # Train and eval pairs, relative to data.dir (or absolute); {split} is filled in.
+  config.data.pairs = "pairs_rewrites.{split}.jsonl"
+  config.data.eval_pairs = "pairs_rewrites.{split}.jsonl"
   config.reference = dict(
       init="",  # '' = model.init (and, for a random init, the same initial params)
       mode="live" if arg.live else "cached",  # cached | live
@@ -61,6 +67,26 @@ def get_config(arg=None):
   config.eval_splits = ("val", "test")  # held-out users; with and without persona
   config.optimizer.warmup_steps = max(1, config.total_steps // 10)
   config.optimizer.weight_decay = 0.0
+  # User-Based Rewards (experiments/user_rewards.py): per round, sample
+  # `num_samples` answers per training-user prompt from the current policy, score them
+  # with the persona-conditioned reward model, keep best vs worst when the score gap
+  # exceeds `margin_threshold`, and run `total_steps` DPO steps on those pairs.
+  config.user_rewards = dict(
+      rounds=arg.rounds or 2,
+      reward_model="",  # a reward_io dir: <train_reward workdir>/reward_model
+      rm_persona=True,  # False: user-agnostic rewards (the paper's baseline)
+      reference="initial",  # initial | previous: DPO reference of each round
+      prompts_per_round=64 if model in ("tiny", "small") else 2048,
+      num_samples=4, temperature=0.6, top_p=0.9,  # the paper's sampling settings
+      max_new_tokens=128 if model in ("tiny", "small") else 1024,
+      margin_threshold=0.1,
+      generation_batch_size=32,
+  )
+  if arg.user_rewards:
+    config.total_steps = arg.steps or 40  # DPO steps per round
+    config.optimizer.warmup_steps = max(1, config.total_steps // 10)
+    config.checkpoint.every = max(1, config.total_steps // 4)
+    config.eval_every = 0
   return config
 
 

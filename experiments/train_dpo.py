@@ -8,25 +8,12 @@ eval_report.md/json (held-out users' pairs, with and without persona) and the po
 in HF format to <workdir>/hf.
 """
 
-import os
-
 from absl import app
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
-from rlhi import inputs
 from rlhi import sharding
-from rlhi.data import pipeline
-from rlhi.models import hf_io
-from rlhi.models import llama
-from rlhi.models import tokenizer as tok_lib
-from rlhi.train import loop
-from rlhi.train import model_init
-from rlhi.train import objectives
-from rlhi.train import reference
-from rlhi.train import step as step_lib
+from rlhi.train import dpo
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -34,134 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and export
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def loss_options(cfg) -> dict:
-  """config.loss -> keyword arguments of objectives.dpo_loss."""
-  types = tuple(t.strip() for t in cfg.loss.type.split(",") if t.strip())
-  weights = None
-  if cfg.loss.weights:
-    weights = tuple(float(w) for w in cfg.loss.weights.split(","))
-    if len(weights) != len(types):
-      raise ValueError(f"config.loss.weights={cfg.loss.weights!r} has {len(weights)} "
-                       f"values for {len(types)} loss types {types}")
-  return dict(loss_type=types if len(types) > 1 else types[0], loss_weights=weights,
-              beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
-              rpo_alpha=cfg.loss.rpo_alpha, chunk=cfg.logprob_chunk)
-
-
-def reference_model_cfg(cfg):
-  """config.model with `init` replaced by the reference checkpoint."""
-  ref = cfg.model.copy_and_resolve_references()
-  with ref.unlocked():
-    ref.init = cfg.reference.init or cfg.model.init
-  return ref
-
-
 def main(argv):
   del argv
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
-  if cfg.reference.mode not in ("cached", "live"):
-    raise ValueError(f"config.reference.mode={cfg.reference.mode!r}; expected 'cached' "
-                     f"or 'live'")
   sharding.initialize_distributed()
-
-  # ---- Tokenizer and data ------------------------------------------------------------
-  tok_name = model_init.tokenizer_name(cfg)
-  tokenizer = tok_lib.load_tokenizer(tok_name)
-  fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
-
-  def pairs(split, with_persona):
-    path = os.path.join(cfg.data.dir, cfg.data.pairs.format(split=split))
-    examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
-                                      max_length=cfg.data.max_length,
-                                      max_response_length=cfg.data.max_response_length)
-    return examples
-  train_examples = pairs("train", cfg.data.with_persona)
-  evals = {(s, p): pairs(s, p) for s in cfg.eval_splits for p in (True, False)}
-
-  # ---- Models: policy and reference --------------------------------------------------
-  mconfig = model_init.model_config(cfg.model)
-  ref_model = reference_model_cfg(cfg)
-  ref_config = model_init.model_config(ref_model)
-  mesh = sharding.make_mesh(dict(cfg.mesh))
-  ref_params = model_init.init_llama_params(
-      ref_model, ref_config,
-      sharding.logical_shardings(llama.abstract_params(ref_config), mesh), cfg.seed)
-  options = loss_options(cfg)
-  live = cfg.reference.mode == "live"
-  if live:
-    frozen = ref_params
-  else:
-    frozen = None
-    cache_args = dict(
-        cache_dir=cfg.reference.cache_dir or os.path.join(workdir, "reference_logps"),
-        tokenizer=tok_name, system_template=cfg.data.system_template,
-        params_fp=reference.params_fingerprint(ref_params), mesh=mesh,
-        batch_size=cfg.batch_size, pad_id=fmt.pad_id,
-        bucket_lengths=cfg.data.bucket_lengths, chunk=cfg.logprob_chunk)
-    result = reference.cached(ref_params, ref_config, train_examples, **cache_args)
-    logging.info("reference log-probs for %d train pairs: %s (%s)", len(train_examples),
-                 result.path, "reused" if result.reused else "computed")
-    train_examples = result.examples
-    evals = {k: reference.cached(ref_params, ref_config, v, **cache_args).examples
-             for k, v in evals.items() if v}
-    del ref_params  # only the cached numbers are needed from here on
-
-  # ---- Loss and evaluators -----------------------------------------------------------
-  loss_fn = objectives.dpo_loss(mconfig, ref_config=ref_config, live_reference=live,
-                                **options)
-  eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
-
-  def evaluate(params, step):
-    del step
-    out = {}
-    for (split, persona), examples in evals.items():
-      if not examples:
-        continue
-      m = loop.evaluate_examples(eval_step, params, examples, batch_size=cfg.batch_size,
-                                 pad_id=fmt.pad_id, bucket_lengths=cfg.data.bucket_lengths,
-                                 frozen=frozen)
-      tag = f"{split}_{'persona' if persona else 'no_persona'}"
-      out.update({f"{tag}/{k}": v for k, v in m.items()})
-    return out
-
-  result = loop.train(cfg, workdir, loop.Task(
-      name="dpo", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
-      init_params=lambda s: model_init.init_llama_params(cfg.model, mconfig, s, cfg.seed),
-      train_examples=train_examples, pad_id=fmt.pad_id, evaluate=evaluate,
-      frozen=frozen), mesh=mesh)
-
-  # ---- Export and report -------------------------------------------------------------
-  if not result.preempted:
-    export = os.path.join(workdir, "hf")
-    hf_io.save_checkpoint(result.state.params, mconfig, export)
-    if sharding.is_main_process():
-      tokenizer.save_pretrained(export)
-      write_report(workdir, cfg, result.final_eval, len(train_examples))
-
-
-def write_report(workdir, cfg, final, n_train):
-  rows = []
-  for split in cfg.eval_splits:
-    for p in ("persona", "no_persona"):
-      tag = f"{split}_{p}"
-      if f"{tag}/count" in final:
-        g = lambda k, tag=tag: final[f"{tag}/{k}"]
-        rows.append(f"| {split} | {p.replace('_', ' ')} | {int(g('count'))} | "
-                    f"{g('rewards/accuracies'):.3f} | {g('rewards/margins'):.4f} | "
-                    f"{g('rewards/chosen'):.4f} | {g('rewards/rejected'):.4f} | "
-                    f"{g('kl_proxy'):.4f} | {g('loss'):.4f} |")
-  md = "\n".join([
-      "# DPO evaluation", "",
-      f"Policy: {cfg.model.name} from {cfg.model.init or 'random init'}; reference: "
-      f"{cfg.reference.init or cfg.model.init or 'the initial policy'} "
-      f"({cfg.reference.mode}); loss {cfg.loss.type} (beta={cfg.loss.beta}); "
-      f"{cfg.total_steps} steps on {n_train} train pairs "
-      f"({'with' if cfg.data.with_persona else 'without'} persona).", "",
-      "Held-out users' pairs (rewards = beta x policy/reference log-ratio):", "",
-      "| split | input | pairs | reward accuracy | margin | chosen | rejected | "
-      "kl proxy | loss |",
-      "|---|---|---|---|---|---|---|---|---|", *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final), md)
+  dpo.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

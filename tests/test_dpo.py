@@ -150,7 +150,7 @@ def test_policy_equal_to_reference_gives_log2_and_ipo_closed_form(fmt, sample_ex
     loss_fn = objectives.dpo_loss(CONFIG, loss_type=loss_type, beta=0.1,
                                   live_reference=True)
     (num, (den, metrics)), grads = jax.jit(jax.value_and_grad(
-        lambda p: loss_fn(p, batch, None, params), has_aux=True))(params)
+        lambda p, f=loss_fn: f(p, batch, None, params), has_aux=True))(params)
     assert float(num / den) == pytest.approx(want, rel=1e-6, abs=1e-6)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     assert float(optax.tree.norm(grads)) > 0
