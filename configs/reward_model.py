@@ -31,3 +31,16 @@ def get_config(arg=None):
   )
   config.eval_splits = ("val", "test")  # held-out users
   return config
+
+
+def get_sweep(hyper, arg=None):
+  """Learning rate (around the size's default) x persona: the persona ablation at each.
+
+    python -m experiments.sweep --experiment experiments.train_reward \
+        --config configs/reward_model.py:tiny --workdir /tmp/rlhi_sweep/reward
+  """
+  lr = get_config(arg).optimizer.lr
+  return hyper.product([
+      hyper.sweep("config.optimizer.lr", [float(f"{lr * f:.2g}") for f in (0.3, 1, 3)]),
+      hyper.sweep("config.data.with_persona", [True, False]),
+  ])

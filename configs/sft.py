@@ -26,3 +26,16 @@ def get_config(arg=None):
   config.data.train_split = "train"
   config.logprob_chunk = 256  # LM head over chunks of this many positions
   return config
+
+
+def get_sweep(hyper, arg=None):
+  """Learning rate (around the size's default) x persona in the system slot.
+
+    python -m experiments.sweep --experiment experiments.train_sft \
+        --config configs/sft.py:tiny --workdir /tmp/rlhi_sweep/sft
+  """
+  lr = get_config(arg).optimizer.lr
+  return hyper.product([
+      hyper.sweep("config.optimizer.lr", [float(f"{lr * f:.2g}") for f in (0.3, 1, 3)]),
+      hyper.sweep("config.data.with_persona", [True, False]),
+  ])

@@ -180,10 +180,12 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
 def initialize_distributed() -> None:
   """`jax.distributed.initialize()` when this is one process of several.
 
-  On a TPU pod slice every worker runs the same command and JAX finds its peers from
-  the TPU metadata; elsewhere (CPU tests, GPU clusters) the coordinator comes from
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A single-host run
-  does nothing.
+  On a TPU slice every worker runs the same command and JAX finds its peers from the
+  TPU metadata server: tpu/launch.sh sets RLHI_DISTRIBUTED=1 for that (the TPU VM's
+  environment does not reliably say it is one worker of several, and calling
+  initialize() off a cluster fails). Elsewhere (CPU tests, GPU clusters) the
+  coordinator comes from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. Otherwise a single-process run: nothing to do.
   """
   import os  # pylint: disable=g-import-not-at-top
   if jax.distributed.is_initialized():
@@ -193,7 +195,8 @@ def initialize_distributed() -> None:
         coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
         num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
         process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+  elif (os.environ.get("RLHI_DISTRIBUTED", "") in ("1", "true")
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1):
     jax.distributed.initialize()
 
 
