@@ -16,6 +16,7 @@ from rlhi import sharding
 from rlhi.data import pipeline
 from rlhi.models import llama
 from rlhi.models import reward
+from rlhi.models import reward_io
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
 from rlhi.train import model_init
@@ -79,6 +80,14 @@ def main(argv):
   # ---- Report ------------------------------------------------------------------------
   if sharding.is_main_process() and not result.preempted:
     write_report(workdir, cfg, result.final_eval, len(train_examples))
+
+  # ---- Export ------------------------------------------------------------------------
+  # For experiments/evaluate.py. Every process calls it (the gathers are collective, as
+  # in train_sft's export); only process 0 writes.
+  if not result.preempted:
+    reward_io.save(result.state.params, mconfig, os.path.join(workdir, "reward_model"),
+                   tokenizer=fmt.tok, system_template=cfg.data.system_template,
+                   with_persona=cfg.data.with_persona)
 
 
 def write_report(workdir, cfg, final, n_train):

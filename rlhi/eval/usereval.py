@@ -1,0 +1,199 @@
+"""WildChat UserEval: two systems answer held-out users' target turns; a judge compares.
+
+    report = usereval.run_usereval(cfg, workdir)     # cfg: configs/eval.py
+    report["win_rates"]["overall"]["all"]["win_rate"]  # B over A, in [0, 1]
+
+Steps (RLHI.md, "Evaluation: WildChat UserEval"):
+  1. items     test users' target turns with their history-only personas (items.py)
+  2. answers   system A and system B answer every item (systems.py)
+  3. judge     each pair in both orders: an LLM through the inference client, or the
+               reward model offline (judges.py)
+  4. stats     B's win rate over A per turn type and dimension, bootstrap 95% interval
+               (stats.py)
+  5. report    usereval.{md,json,png} (report.py)
+
+Files in `workdir` (a run is auditable and resumable; re-running the same command
+reuses answers and cached judge calls):
+
+  usereval_items.jsonl         the items (context, persona, original answer)
+  usereval_generations.jsonl   every answer of both systems, with failures
+  usereval_judgements.jsonl    every judgement (both orders), with failures
+  usereval_rejects.jsonl       what could not be used, with the reason
+  usereval_cache.sqlite        the LLM judge's request cache
+  usereval.{md,json,png}       the report
+
+Multi-host: every process answers (the models are sharded over all devices) and runs
+the reward-model judge; only process 0 asks the LLM judge and writes files; other
+processes return {}.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Any
+
+from rlhi.data import client as client_lib
+from rlhi.data import pipeline
+from rlhi.data import schema
+from rlhi.eval import items as items_lib
+from rlhi.eval import judges
+from rlhi.eval import report as report_lib
+from rlhi.eval import stats
+from rlhi.eval import systems as systems_lib
+
+ITEMS_FILE = "usereval_items.jsonl"
+GENERATIONS_FILE = "usereval_generations.jsonl"
+JUDGEMENTS_FILE = "usereval_judgements.jsonl"
+REJECTS_FILE = "usereval_rejects.jsonl"
+CACHE_FILE = "usereval_cache.sqlite"
+JUDGE_KINDS = ("llm", "reward_model")
+
+
+def _processes() -> tuple[bool, int]:
+  """(is this process 0, number of processes)."""
+  import jax  # pylint: disable=g-import-not-at-top  (heavy: imported when run)
+  from rlhi import sharding  # pylint: disable=g-import-not-at-top
+  return sharding.is_main_process(), jax.process_count()
+
+
+def _rejects(source: str, failures: dict[str, str]) -> list[schema.Reject]:
+  return [schema.Reject(source=source, line=0, reason=pipeline.reason_code(reason),
+                        detail=reason, key=key)
+          for key, reason in sorted(failures.items())]
+
+
+def run_usereval(cfg, workdir: str) -> dict[str, Any]:
+  """Runs UserEval with config `cfg` (configs/eval.py) into `workdir`.
+
+  Returns:
+    The report (also written to usereval.json) on process 0, {} on other processes:
+      systems: {'a': {...}, 'b': {...}} (label, kind, path, persona)
+      judge: kind, description, dimensions (the LLM judges personalization,
+        instruction_following and overall; the reward model overall only)
+      win_rates: {dimension: {'initial' | 'follow_up' | 'all': {n_items, win_rate,
+        ci_low, ci_high, wins, ties, losses, excluded}}}; win_rate is B's over A in
+        [0, 1] (None when no item could be scored)
+      items, generation, judge_failures, pairs, first_position_rate, requests,
+      settings, files.
+  """
+  if cfg.judge.kind not in JUDGE_KINDS:
+    raise ValueError(f"config.judge.kind: expected one of {JUDGE_KINDS}, got "
+                     f"{cfg.judge.kind!r}")
+  main, n_proc = _processes()
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+  path = lambda name: os.path.join(workdir, name)
+
+  # ---- Items -------------------------------------------------------------------------
+  itemset = items_lib.load_items(cfg.data.dir, max_items=cfg.max_items,
+                                 max_turns_per_user=cfg.max_turns_per_user,
+                                 require_persona=cfg.require_persona,
+                                 split=cfg.data.split)
+  items = itemset.items
+  if not items:
+    raise ValueError(f"usereval: no items: {itemset.counts['users']} {cfg.data.split} "
+                     f"users in {cfg.data.dir}, skipped {itemset.counts['skipped']}; "
+                     f"check config.data.dir and config.require_persona")
+  if main:
+    schema.write_jsonl(path(ITEMS_FILE), [items_lib.to_record(i) for i in items])
+
+  # ---- Answers -----------------------------------------------------------------------
+  gen = systems_lib.GenerationSettings.from_config(cfg.generation, cfg.system_template)
+  systems = {k: systems_lib.System.from_config(k, cfg.systems[k]) for k in ("a", "b")}
+  rejects: list[schema.Reject] = []
+  previous: list[dict[str, Any]] = []
+  if n_proc == 1:  # Resuming needs every process to see the same file; one does.
+    previous, bad = systems_lib.read_records(path(GENERATIONS_FILE))
+    rejects += bad
+  answerer = systems_lib.Answerer(gen, dict(cfg.mesh))
+  answers, gen_report = {}, {}
+  for k, system in systems.items():
+    fp = systems_lib.fingerprint(system, gen)
+    reused = {r["item_id"] for r in previous
+              if r.get("fingerprint") == fp and isinstance(r.get("text"), str)}
+    answers[k], bad = answerer.answer(system, items, previous,
+                                      append_to=path(GENERATIONS_FILE) if main else None)
+    rejects += bad
+    failed = {i: r["error"] for i, r in answers[k].items() if r["text"] is None}
+    rejects += _rejects(f"generation/{k}", failed)
+    gen_report[k] = {
+        "answered": sum(r["text"] is not None for r in answers[k].values()),
+        "reused": sum(i in reused and answers[k][i]["text"] is not None
+                      for i in answers[k]),
+        "failed": len(failed),
+        "failures_by_reason": dict(collections.Counter(
+            pipeline.reason_code(e) for e in failed.values())),
+    }
+  if main:
+    schema.write_jsonl(path(GENERATIONS_FILE),
+                       [answers[k][i.item_id] for k in systems for i in items])
+  text = lambda k, i: answers[k][i.item_id]["text"]
+  pairs = [judges.Pair(i, text("a", i), text("b", i)) for i in items
+           if text("a", i) is not None and text("b", i) is not None]
+
+  # ---- Judge -------------------------------------------------------------------------
+  requests = None
+  if cfg.judge.kind == "llm":
+    if not main:
+      return {}
+    dimensions = tuple(cfg.judge.dimensions)
+    with client_lib.make_client(cfg.judge.client, cache_path=path(CACHE_FILE)) as client:
+      judgements = judges.judge_llm(
+          client, pairs, dimensions=dimensions, max_tokens=cfg.judge.max_tokens,
+          temperature=cfg.judge.temperature,
+          max_context_messages=cfg.judge.max_context_messages,
+          max_chars_per_message=cfg.judge.max_chars_per_message,
+          max_answer_chars=cfg.judge.max_answer_chars)
+      requests = client.stats()
+      description = f"LLM {client.name} through the inference client"
+  else:
+    rm = cfg.judge.reward_model
+    judge = judges.RewardModelJudge(
+        rm.path, tokenizer=rm.tokenizer, system_template=rm.system_template,
+        persona=rm.persona, batch_size=rm.batch_size, max_length=rm.max_length,
+        max_response_length=rm.max_response_length, bucket_lengths=rm.bucket_lengths,
+        mesh_axes=dict(cfg.mesh))
+    dimensions = judge.dimensions
+    judgements = judge.judge(pairs)
+    how = "with the persona in the system slot" if rm.persona else "without the persona"
+    description = (f"reward model {judge.path} (offline; scores each answer {how}; "
+                   f"higher wins, equal ties; it judges only 'overall')")
+    if not main:
+      return {}
+
+  # ---- Stats and report --------------------------------------------------------------
+  failed = {f"{j['item_id']}/{j['order']}": j["error"] for j in judgements
+            if j["winners"] is None}
+  rejects += _rejects("judge", failed)
+  schema.write_jsonl(path(JUDGEMENTS_FILE), judgements)
+  schema.write_jsonl(path(REJECTS_FILE), rejects)
+  report = {
+      "systems": {k: s.describe() for k, s in systems.items()},
+      "win_rate_of": "b over a",
+      "judge": {"kind": cfg.judge.kind, "description": description,
+                "dimensions": list(dimensions)},
+      "win_rates": stats.win_rates(judgements, dimensions, n_boot=cfg.n_boot,
+                                   seed=cfg.seed),
+      "first_position_rate": stats.first_position_rate(judgements, "overall"),
+      "items": itemset.counts,
+      "pairs": len(pairs),
+      "generation": {"systems": gen_report,
+                     "items_without_both_answers": len(items) - len(pairs)},
+      "judge_failures": {"judgements": len(judgements), "failed": len(failed),
+                         "by_reason": dict(collections.Counter(
+                             pipeline.reason_code(e) for e in failed.values()))},
+      "requests": requests,
+      "settings": {"n_boot": cfg.n_boot, "seed": cfg.seed, "data_dir": cfg.data.dir,
+                   "generation": dataclasses.asdict(gen)},
+      "files": {
+          ITEMS_FILE: "the items: context, persona, original answer",
+          GENERATIONS_FILE: "every answer of both systems, with failures",
+          JUDGEMENTS_FILE: "every judgement in both orders, with failures",
+          REJECTS_FILE: "what could not be used, with the reason",
+          report_lib.PNG_FILE: "the win-rate chart",
+      },
+  }
+  report_lib.write(workdir, report)
+  return report
