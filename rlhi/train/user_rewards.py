@@ -1,0 +1,243 @@
+"""User-Based Rewards: online, iterative DPO with a persona-conditioned reward model.
+
+Each round (configs/dpo.py:user_rewards, section `user_rewards`):
+
+  1. prompts: `prompts_per_round` user turns of training users (persona + context),
+     drawn afresh each round (seeded by (seed, round));
+  2. sample `num_samples` answers per prompt from the current policy (temperature,
+     top-p from the config), persona in the system slot when data.with_persona;
+  3. score every answer with the reward model, which sees the persona (rm_persona=False:
+     the user-agnostic baseline);
+  4. best vs worst answer as a pair when their score gap exceeds `margin_threshold`;
+  5. DPO (rlhi/train/dpo.py) on those pairs for `total_steps` steps from the current
+     policy; the reference is the initial policy or the previous round's
+     (`reference`), its log-probs computed once per round for the new pairs.
+
+Work directory: round_<r>/{prompts_and_candidates.jsonl, pairs.train.jsonl,
+sampling.json, dpo/ (checkpoints, metrics, hf/), round.json} and
+user_rewards_report.{md,json}. A round is resumable at every point: finished rounds
+(round.json) are skipped, a sampled round reuses its pairs, and DPO resumes from its
+checkpoints, so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from rlhi import sharding
+from rlhi.data import pipeline
+from rlhi.data import schema
+from rlhi.eval import items as items_lib
+from rlhi.eval import judges
+from rlhi.generate import ChatGenerator
+from rlhi.train import dpo
+
+PAIRS = "pairs.{split}.jsonl"
+
+
+def _round_dir(workdir: str, r: int) -> str:
+  return os.path.join(workdir, f"round_{r:02d}")
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
+  """Steps 1-4 of a round: writes the round's pairs; returns its statistics."""
+  ur = cfg.user_rewards
+  item_set = items_lib.load_items(cfg.data.dir, split="train", require_persona=False)
+  rng = np.random.default_rng([cfg.seed, r])
+  order = rng.permutation(len(item_set.items))
+  gen = ChatGenerator(policy, model_tokenizer(cfg, policy),
+                      batch_size=ur.generation_batch_size, mesh_axes=dict(cfg.mesh),
+                      system_template=cfg.data.system_template)
+  # Prompts that leave no room for an answer within data.max_length are set aside.
+  prompts, too_long = [], 0
+  for i in order:
+    item = item_set.items[i]
+    persona = item.persona if cfg.data.with_persona else None
+    messages = gen.fmt.messages(item.chat(), persona=persona)
+    if len(gen.fmt.encode(messages).prompt_ids) + ur.max_new_tokens > cfg.data.max_length:
+      too_long += 1
+      continue
+    prompts.append((item, messages))
+    if len(prompts) == ur.prompts_per_round:
+      break
+  n = ur.num_samples
+  outs = gen.generate([m for _, m in prompts for _ in range(n)],
+                      max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
+                      top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
+  del gen  # free the policy before the reward model loads
+  judge = judges.RewardModelJudge(
+      ur.reward_model, tokenizer=model_tokenizer(cfg, ur.reward_model),
+      persona=ur.rm_persona, batch_size=cfg.batch_size, max_length=cfg.data.max_length,
+      max_response_length=cfg.data.max_response_length,
+      bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh))
+  scores = judge.score([item.chat() for item, _ in prompts for _ in range(n)],
+                       [o.text for o in outs],
+                       [item.persona for item, _ in prompts for _ in range(n)])
+  del judge
+
+  pairs, records, skipped = [], [], {"below_threshold": 0, "identical": 0,
+                                     "too_few_scored": 0}
+  failed = sum(isinstance(s, str) for s in scores)
+  for k, (item, _) in enumerate(prompts):
+    texts = [o.text for o in outs[k * n:(k + 1) * n]]
+    got = scores[k * n:(k + 1) * n]
+    records.append({"item_id": item.item_id, "user_id": item.user_id,
+                    "candidates": texts, "scores": got})
+    ok = [(s, t) for s, t in zip(got, texts) if not isinstance(s, str)]
+    if len(ok) < 2:
+      skipped["too_few_scored"] += 1
+      continue
+    (best_s, best), (worst_s, worst) = max(ok), min(ok)
+    if best == worst:
+      skipped["identical"] += 1
+    elif best_s - worst_s <= ur.margin_threshold:
+      skipped["below_threshold"] += 1
+    else:
+      pairs.append(schema.PreferencePair(
+          pair_id=f"ubr{r}/{item.item_id}", user_id=item.user_id, split="train",
+          prompt=item.context, chosen=best, rejected=worst, persona=item.persona,
+          source="user_reward", conversation_hash=item.conversation_hash,
+          message_index=item.message_index))
+      records[-1]["pair"] = {"chosen": best_s, "rejected": worst_s}
+  valid = np.array([s for s in scores if not isinstance(s, str)], np.float64)
+  spreads = [max(s for s in r_["scores"] if not isinstance(s, str)) -
+             min(s for s in r_["scores"] if not isinstance(s, str))
+             for r_ in records if sum(not isinstance(s, str) for s in r_["scores"]) >= 2]
+  gaps = [r_["pair"]["chosen"] - r_["pair"]["rejected"] for r_ in records if "pair" in r_]
+  stats = {
+      "round": r, "policy": policy, "prompts": len(prompts),
+      "prompts_too_long": too_long, "candidates": len(outs), "scores_failed": failed,
+      "pairs": len(pairs), "skipped": skipped,
+      "score_mean": float(valid.mean()) if valid.size else float("nan"),
+      "score_std": float(valid.std()) if valid.size else float("nan"),
+      "spread_mean": float(np.mean(spreads)) if spreads else float("nan"),
+      "pair_gap_mean": float(np.mean(gaps)) if gaps else float("nan"),
+      "finished_fraction": float(np.mean([o.finished for o in outs])) if outs else 0.0,
+  }
+  if sharding.is_main_process():
+    os.makedirs(rdir, exist_ok=True)
+    with open(os.path.join(rdir, "prompts_and_candidates.jsonl"), "w",
+              encoding="utf-8") as f:
+      for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    schema.write_jsonl(os.path.join(rdir, PAIRS.format(split="train")), pairs)
+    pipeline.write_json(os.path.join(rdir, "sampling.json"), stats)
+  return stats
+
+
+def model_tokenizer(cfg, checkpoint: str) -> str:
+  """config.tokenizer, or the tokenizer saved with `checkpoint`."""
+  return cfg.tokenizer or checkpoint
+
+
+def round_config(cfg, r: int, policy: str, rdir: str):
+  """The DPO config of round r: from `policy`, on the round's pairs."""
+  c = cfg.copy_and_resolve_references()
+  with c.unlocked():
+    c.seed = cfg.seed + r
+    c.model.init = policy
+    c.reference.init = (cfg.model.init if cfg.user_rewards.reference == "initial"
+                        else policy)
+    c.data.pairs = os.path.join(os.path.abspath(rdir), PAIRS)
+    # Reference log-probs of the (fixed) eval pairs are shared by all rounds.
+    c.reference.cache_dir = cfg.reference.cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(rdir)), "reference_logps")
+  return c
+
+
+def run(cfg, workdir: str) -> list[dict[str, Any]]:
+  """All rounds (skipping finished ones); returns each round's statistics."""
+  ur = cfg.user_rewards
+  if not cfg.model.init:
+    raise ValueError("user_rewards samples from a checkpoint: set config.model.init to "
+                     "the starting policy (an HF dir, e.g. <train_dpo workdir>/hf)")
+  if ur.reference not in ("initial", "previous"):
+    raise ValueError(f"config.user_rewards.reference={ur.reference!r}; expected "
+                     f"'initial' or 'previous'")
+  if ur.num_samples < 2:
+    raise ValueError(f"config.user_rewards.num_samples={ur.num_samples}: best vs worst "
+                     f"needs at least 2")
+  mesh = sharding.make_mesh(dict(cfg.mesh))
+  policy, rounds = cfg.model.init, []
+  for r in range(ur.rounds):
+    rdir = _round_dir(workdir, r)
+    done = os.path.join(rdir, "round.json")
+    if os.path.exists(done):
+      rounds.append(_read_json(done))
+      policy = rounds[-1]["policy_after"]
+      logging.info("user rewards: round %d already done", r)
+      continue
+    sampled = os.path.join(rdir, "sampling.json")
+    if os.path.exists(sampled):
+      stats = _read_json(sampled)
+    else:
+      stats = sample_and_score(cfg, r, policy, rdir)
+    logging.info("user rewards round %d: %d pairs from %d prompts", r, stats["pairs"],
+                 stats["prompts"])
+    after, dpo_metrics = policy, {}
+    if stats["pairs"]:
+      dpo_dir = os.path.join(rdir, "dpo")
+      result = dpo.run(round_config(cfg, r, policy, rdir), dpo_dir, mesh)
+      if result.preempted:
+        logging.warning("user rewards: preempted in round %d; re-run to resume", r)
+        return rounds
+      after = os.path.join(dpo_dir, "hf")
+      dpo_metrics = _last_train_metrics(dpo_dir) | {
+          f"eval/{k}": v for k, v in result.final_eval.items()}
+    stats = dict(stats) | {"policy_after": after, "dpo": dpo_metrics}
+    if sharding.is_main_process():
+      pipeline.write_json(done, stats)
+    rounds.append(stats)
+    policy = after
+  if sharding.is_main_process():
+    write_report(workdir, cfg, rounds)
+  return rounds
+
+
+def _last_train_metrics(workdir: str) -> dict[str, float]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  last = {}
+  if jax.process_index() == 0 and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        m = json.loads(line)
+        if "train/loss" in m:
+          last = m
+  return last
+
+
+def write_report(workdir: str, cfg, rounds: list[dict[str, Any]]) -> None:
+  ur = cfg.user_rewards
+  rows = []
+  for s in rounds:
+    d = s.get("dpo", {})
+    f = lambda k, d=d: f"{d[k]:.3f}" if k in d else "-"
+    rows.append(f"| {s['round']} | {s['prompts']} | {s['candidates']} | {s['pairs']} | "
+                f"{s['score_mean']:.3f} | {s['spread_mean']:.3f} | "
+                f"{s['pair_gap_mean']:.3f} | {f('train/loss')} | "
+                f"{f('train/rewards/accuracies')} | {f('train/rewards/margins')} |")
+  md = "\n".join([
+      "# User-Based Rewards", "",
+      f"Start: {cfg.model.init}; reward model: {ur.reward_model} "
+      f"({'persona-aware' if ur.rm_persona else 'user-agnostic: no persona'}); "
+      f"{ur.num_samples} samples per prompt (temperature {ur.temperature}, top-p "
+      f"{ur.top_p}); pairs when best - worst > {ur.margin_threshold}; reference: "
+      f"{ur.reference} policy; {cfg.total_steps} DPO steps per round.", "",
+      "Score columns are the reward model's scores of the sampled answers (mean, mean "
+      "best-worst spread per prompt, mean gap of the kept pairs); DPO columns are the "
+      "last logged training step of the round.", "",
+      "| round | prompts | samples | pairs | score mean | spread | pair gap | DPO loss | "
+      "reward acc | margin |",
+      "|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
+  pipeline.write_report(workdir, "user_rewards", {"rounds": rounds}, md)

@@ -1,0 +1,138 @@
+"""User-Based Rewards: one online round on a small model, and resuming a round.
+
+A random policy and a random reward model (its head made non-zero so that answers get
+different scores) on the bundled sample: the round must produce pairs whose chosen score
+beats the rejected one by more than the threshold, change the policy, and give the same
+result when interrupted in the middle of its DPO steps and resumed.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from configs import data_prep
+from configs import dpo as dpo_config
+from rlhi.data import pipeline
+from rlhi.data import schema
+from rlhi.models import hf_io
+from rlhi.models import llama
+from rlhi.models import reward
+from rlhi.models import reward_io
+from rlhi.models import tokenizer as tok_lib
+from rlhi.train import checkpoint as ckpt_lib
+from rlhi.train import model_init
+from rlhi.train import user_rewards
+
+import test_training as tt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("ubr")
+  data = str(root / "data")
+  cfg = data_prep.get_config("sample")
+  for stage in pipeline.STAGES:
+    pipeline.run_stage(stage, cfg, data)
+  config = llama.get_config("tiny", **model_init.parse_overrides(tt.SMALL))
+  tok = tok_lib.load_tokenizer("bundled")
+  policy = str(root / "policy")
+  hf_io.save_checkpoint(llama.init_params(config, jax.random.PRNGKey(0)), config, policy)
+  tok.save_pretrained(policy)
+  rm_params = reward.init_params(config, jax.random.PRNGKey(1))
+  rm_params["score"]["kernel"] = jax.random.normal(
+      jax.random.PRNGKey(2), rm_params["score"]["kernel"].shape) * 2.0
+  rm = str(root / "rm")
+  reward_io.save(rm_params, config, rm, tokenizer=tok)
+  return data, policy, rm
+
+
+def _config(data, policy, rm, steps=4):
+  cfg = dpo_config.get_config(f"user_rewards,rounds=1,steps={steps}")
+  cfg.data.dir = data
+  cfg.model.init = policy
+  cfg.model.overrides = tt.SMALL
+  cfg.data.max_length = 512
+  cfg.data.max_response_length = 256
+  cfg.data.bucket_lengths = (512,)
+  cfg.batch_size = 4
+  cfg.mesh = dict(data=1, fsdp=-1, tensor=1)
+  cfg.checkpoint.every = 2
+  cfg.log_every = 1
+  cfg.optimizer.lr = 1e-3
+  cfg.eval_splits = ("val",)
+  cfg.user_rewards.reward_model = rm
+  cfg.user_rewards.prompts_per_round = 8
+  cfg.user_rewards.max_new_tokens = 16
+  cfg.user_rewards.generation_batch_size = 16
+  return cfg
+
+
+def _hf_params(path):
+  return safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_one_round_makes_margin_pairs_and_changes_the_policy(setup, tmp_path):
+  data, policy, rm = setup
+  cfg = _config(data, policy, rm)
+  work = str(tmp_path / "run")
+  (stats,) = user_rewards.run(cfg, work)
+  threshold = cfg.user_rewards.margin_threshold
+  assert stats["prompts"] == 8 and stats["candidates"] == 32
+  assert stats["pairs"] >= 2
+  with open(os.path.join(work, "round_00", "prompts_and_candidates.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  pairs = schema.read_jsonl(os.path.join(work, "round_00", "pairs.train.jsonl"),
+                            schema.PreferencePair)
+  assert len(pairs) == stats["pairs"]
+  kept = [r for r in records if "pair" in r]
+  assert len(kept) == len(pairs)
+  for r, p in zip(kept, pairs):
+    assert r["pair"]["chosen"] - r["pair"]["rejected"] > threshold
+    assert r["pair"]["chosen"] == max(r["scores"]) and r["pair"]["rejected"] == min(
+        r["scores"])
+    assert p.chosen == r["candidates"][r["scores"].index(max(r["scores"]))]
+    assert p.user_id in {u.user_id for u in schema.read_jsonl(
+        os.path.join(data, pipeline.USERS), schema.User) if u.split == "train"}
+  before, after = _hf_params(policy), _hf_params(stats["policy_after"])
+  assert any(not np.array_equal(before[k], after[k]) for k in before)
+  assert os.path.exists(os.path.join(work, "user_rewards_report.md"))
+  assert stats["dpo"]["train/loss"] > 0
+  # A second run finds the round done and does nothing new.
+  (again,) = user_rewards.run(cfg, work)
+  assert again == json.loads(json.dumps(stats))
+
+
+class _PreemptAfter(ckpt_lib.SigtermFlag):
+  """Reports a preemption request at the loop's 3rd check (after step 3 of 4)."""
+  checks = 0
+
+  @property
+  def requested(self):
+    type(self).checks += 1
+    return type(self).checks >= 3
+
+
+@pytest.mark.slow
+def test_a_resumed_round_equals_an_uninterrupted_one(setup, tmp_path, monkeypatch):
+  data, policy, rm = setup
+  cfg = _config(data, policy, rm)
+  whole = str(tmp_path / "whole")
+  (want,) = user_rewards.run(cfg, whole)
+
+  work = str(tmp_path / "resumed")
+  with monkeypatch.context() as m:
+    m.setattr(ckpt_lib, "SigtermFlag", _PreemptAfter)
+    assert user_rewards.run(cfg, work) == []  # preempted inside the round's DPO
+  assert not os.path.exists(os.path.join(work, "round_00", "round.json"))
+  saved = os.listdir(os.path.join(work, "round_00", "dpo", "checkpoints"))
+  assert "3" in saved and "4" not in saved
+  (got,) = user_rewards.run(cfg, work)
+  assert got["pairs"] == want["pairs"]
+  a, b = _hf_params(want["policy_after"]), _hf_params(got["policy_after"])
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
