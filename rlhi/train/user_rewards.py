@@ -81,9 +81,8 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
       persona=ur.rm_persona, batch_size=cfg.batch_size, max_length=cfg.data.max_length,
       max_response_length=cfg.data.max_response_length,
       bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh))
-  scores = judge.score([item.chat() for item, _ in prompts for _ in range(n)],
-                       [o.text for o in outs],
-                       [item.persona for item, _ in prompts for _ in range(n)])
+  scores = score_candidates(judge, [item for item, _ in prompts],
+                            [o.text for o in outs], n)
   del judge
 
   pairs, records, skipped = [], [], {"below_threshold": 0, "identical": 0,
@@ -134,6 +133,25 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
     schema.write_jsonl(os.path.join(rdir, PAIRS.format(split="train")), pairs)
     pipeline.write_json(os.path.join(rdir, "sampling.json"), stats)
   return stats
+
+
+def score_candidates(judge: judges.RewardModelJudge, prompts, texts: list[str], n: int
+                     ) -> list[float | str]:
+  """The reward model's score of each of the n answers to each prompt (or why not).
+
+  Scored two at a time through the judge's pair scoring, which fits both answers after
+  the same context; prompts were chosen to leave room for any sampled answer, so every
+  candidate of a prompt sees the same, untruncated context.
+  """
+  pairs = []
+  for k, item in enumerate(prompts):
+    group = texts[k * n:(k + 1) * n]
+    group = group + group[-1:] * (len(group) % 2)  # an odd n: the last one twice
+    pairs += [judges.Pair(item, group[j], group[j + 1]) for j in range(0, len(group), 2)]
+  flat = []
+  for scored in judge.score_pairs(pairs):
+    flat += [scored, scored] if isinstance(scored, str) else list(scored)
+  return [s for k in range(len(prompts)) for s in flat[k * (n + n % 2):][:n]]
 
 
 def model_tokenizer(cfg, checkpoint: str) -> str:
