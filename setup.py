@@ -41,5 +41,6 @@ setuptools.setup(
         # torch is only a reference for parity tests and benchmarks (HF in torch).
         "test": ["ipykernel", "nbclient", "nbformat", "pytest", "torch==2.13.0"],
         "bench": ["torch==2.13.0", "trl"],
+        "tpu": ["jax[tpu]", "gcsfs"],
     },
 )

@@ -10,6 +10,11 @@ The LLM stages ask the inference client of `config.client` (rlhi/data/client.py)
 a request cache in `<workdir>/llm_cache.sqlite`: a re-run, or a run resumed after a
 crash, sends no request that already succeeded, so resuming is re-running.
 
+`workdir` may be local or remote (gs://bucket/dir, or any path etils.epath supports):
+files go through rlhi.fileio, and the SQLite request cache, which needs a real file, is
+kept in a local copy that is merged with the workdir's and uploaded back when the
+client closes (`make_client`).
+
 Each stage reads the files of the stages before it from `workdir`, writes its outputs
 and a `<stage>_rejects.jsonl`, and a report as `<stage>_report.json` and `.md`. Every
 input ends in an output or in the rejects file with a reason. Outputs are written in a
@@ -19,15 +24,18 @@ byte-identical files; reports hold no wall-clock times for the same reason.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
-from typing import Any, Mapping
-
-import collections
 import re
+import sqlite3
+import tempfile
+from typing import Any, Mapping
 
 import tqdm
 
+from rlhi import fileio
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
@@ -46,17 +54,16 @@ LLM_CACHE = "llm_cache.sqlite"
 
 
 def write_json(path: str, data: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+  """Writes `data` as canonical JSON, atomically; `path` may be local or gs://...."""
+  with fileio.atomic_write(path, "w", newline="\n") as f:
     json.dump(data, f, ensure_ascii=False, indent=2, sort_keys=True)
     f.write("\n")
-  os.replace(tmp, path)
 
 
 def write_report(workdir: str, stage: str, report: Mapping[str, Any], markdown: str
                  ) -> None:
   write_json(os.path.join(workdir, f"{stage}_report.json"), report)
-  with open(os.path.join(workdir, f"{stage}_report.md"), "w", encoding="utf-8") as f:
+  with fileio.open(os.path.join(workdir, f"{stage}_report.md"), "w") as f:
     f.write(markdown)
 
 
@@ -82,7 +89,7 @@ def run_ingest(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   hf_split = cfg.pop("hf_split", "train")
   streaming = cfg.pop("streaming", False)
   icfg = wildchat.IngestConfig.from_config(cfg)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
 
   rows = wildchat.iter_rows(source, hf_split=hf_split, streaming=streaming)
   if progress:
@@ -133,14 +140,93 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
 
 def _read(workdir: str, name: str, cls, stage: str):
   path = os.path.join(workdir, name)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f"{path} not found: stage '{stage}' needs the outputs of the "
                             f"stages before it in the same --workdir")
   return schema.read_jsonl(path, cls)
 
 
 def make_client(client_cfg, workdir: str) -> client_lib.InferenceClient:
-  return client_lib.make_client(client_cfg, cache_path=os.path.join(workdir, LLM_CACHE))
+  """The client of `client_cfg` behind the request cache `<workdir>/llm_cache.sqlite`.
+
+  SQLite needs a local file. With a remote workdir the cache is a local copy
+  (`local_llm_cache`) into which the workdir's cache is merged now, and which goes back
+  to the workdir when the client closes; a run killed before that keeps its answers in
+  the local copy, and the next run on this machine merges them in again.
+  """
+  cache = os.path.join(workdir, LLM_CACHE)
+  if not fileio.is_remote(cache):
+    return client_lib.make_client(client_cfg, cache_path=cache)
+  local = local_llm_cache(workdir)
+  _merge_sqlite(cache, local)
+  client = client_lib.make_client(client_cfg, cache_path=local)
+  close = client.close
+
+  def close_and_upload() -> None:
+    close()
+    _upload_sqlite(local, cache)
+
+  # An instance attribute: `with client:` (__exit__) and explicit close() both use it.
+  client.close = close_and_upload
+  return client
+
+
+def local_llm_cache(workdir: str) -> str:
+  """Where the local copy of a remote workdir's request cache lives (one per workdir).
+
+  Under $RLHI_CACHE_DIR, default ~/.cache/rlhi: it outlives the process, so that the
+  answers of a run that died before uploading them are not asked for again.
+  """
+  root = os.environ.get("RLHI_CACHE_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "rlhi")
+  key = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
+  return os.path.join(root, "llm_cache", key, LLM_CACHE)
+
+
+def _merge_sqlite(remote: str, local: str) -> None:
+  """Adds the rows of the remote SQLite file to the local one (union; keys are hashes
+  of the request, so two copies never disagree on a key)."""
+  if not fileio.exists(remote):
+    return
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  if not os.path.exists(local):
+    fileio.copy_file(remote, local)
+    return
+  with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
+    copy = os.path.join(tmp, LLM_CACHE)
+    fileio.copy_file(remote, copy)
+    conn = sqlite3.connect(local, timeout=60.0, isolation_level=None)
+    try:
+      conn.execute("ATTACH DATABASE ? AS remote", (copy,))
+      tables = [r[0] for r in conn.execute(
+          "SELECT name FROM remote.sqlite_master WHERE type = 'table'")]
+      local_tables = {r[0] for r in conn.execute(
+          "SELECT name FROM main.sqlite_master WHERE type = 'table'")}
+      conn.execute("BEGIN")
+      for table in tables:
+        if table in local_tables:
+          conn.execute(f'INSERT OR IGNORE INTO main."{table}" '
+                       f'SELECT * FROM remote."{table}"')
+      conn.execute("COMMIT")
+      conn.execute("DETACH DATABASE remote")
+    finally:
+      conn.close()
+
+
+def _upload_sqlite(local: str, remote: str) -> None:
+  """Uploads a consistent snapshot (SQLite's backup API: the WAL included, even if
+  another connection still has the file open)."""
+  if not os.path.exists(local):
+    return
+  with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
+    snapshot = os.path.join(tmp, LLM_CACHE)
+    src, dst = sqlite3.connect(local, timeout=60.0), sqlite3.connect(snapshot)
+    try:
+      src.backup(dst)
+    finally:
+      src.close()
+      dst.close()
+    fileio.copy_file(snapshot, remote)
 
 
 def reason_code(reason: str) -> str:

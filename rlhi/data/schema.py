@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
 
+from rlhi import fileio
+
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
 
@@ -273,16 +275,17 @@ def dumps(record: Any) -> str:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
-  """Writes records atomically (temp file + rename); returns the count."""
+  """Writes records atomically (temp file + rename); returns the count.
+
+  `path` may be local or remote (gs://...; see rlhi.fileio).
+  """
   path = os.fspath(path)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
+  fileio.makedirs(os.path.dirname(path) or ".")
   n = 0
-  with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+  with fileio.atomic_write(path, "w", newline="\n") as f:
     for r in records:
       f.write(dumps(r) + "\n")
       n += 1
-  os.replace(tmp, path)
   return n
 
 
@@ -301,10 +304,11 @@ def iter_json_lines(path: str | os.PathLike
                     ) -> Iterator[tuple[int, Any | None, Reject | None]]:
   """Yields (line_no, parsed object, None) or (line_no, None, Reject) per non-blank line.
 
-  Reads bytes so that one line of invalid UTF-8 is one reject, not a crash.
+  Reads bytes so that one line of invalid UTF-8 is one reject, not a crash. `path` may
+  be local or remote (gs://...; see rlhi.fileio).
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
+  with fileio.open(path, "rb") as f:
     for line_no, raw in enumerate(f, start=1):
       if not raw.strip():
         continue

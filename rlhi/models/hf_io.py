@@ -10,6 +10,11 @@ Supported architectures: LlamaForCausalLM (incl. Llama-3.x "llama3" RoPE
 scaling), Qwen2ForCausalLM (q/k/v bias), MistralForCausalLM (sliding window).
 No torch import here: safetensors is read with framework="numpy" (bfloat16 via
 ml_dtypes).
+
+Directories may be local or remote (gs://..., anything etils.epath supports). A remote
+safetensors file is read like a local one, tensor by tensor and slice by slice, with
+range reads (`_RemoteSafetensors`), so no host downloads the whole checkpoint; export
+uploads each shard as it is written.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from rlhi import fileio
 from rlhi import sharding as sharding_lib
 from rlhi.models import llama
 
@@ -207,7 +213,7 @@ def config_to_hf(config: llama.LlamaConfig) -> dict[str, Any]:
 def load_config(path: str, **overrides: Any) -> llama.LlamaConfig:
   """Reads `path/config.json` into a LlamaConfig."""
   file = os.path.join(path, CONFIG_FILE)
-  with open(file) as f:
+  with fileio.open(file) as f:
     return config_from_hf(json.load(f), source=file, **overrides)
 
 
@@ -329,6 +335,110 @@ def hf_tensor_names(config: llama.LlamaConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Remote safetensors: the part of safetensors.safe_open that loading uses
+# (keys, get_slice(...)[idx], get_shape, get_tensor) over range reads, since
+# safe_open needs a local file (it mmaps it).
+#
+# Format: 8 bytes little-endian header length N, N bytes of JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
+# then the data; offsets count from the end of the header; tensors are
+# C-contiguous, little-endian.
+# ---------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
+}
+
+
+class _RemoteSafetensors:
+  """A safetensors file read through an open binary file object with range reads."""
+
+  def __init__(self, f, file: str):
+    self._f, self._file = f, file
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    self._header = header
+    self._data_start = 8 + n
+
+  def keys(self) -> list[str]:
+    return sorted(self._header)
+
+  def get_slice(self, name: str) -> _RemoteSlice:
+    info = self._header[name]
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"Tensor {name!r} in {self._file} has dtype {info['dtype']}, "
+                       f"not one of {sorted(_SAFETENSORS_DTYPES)}")
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    shape = tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+      raise ValueError(f"Tensor {name!r} in {self._file}: data_offsets {begin}..{end} "
+                       f"do not fit shape {shape} of {info['dtype']}")
+    return _RemoteSlice(self, self._data_start + begin, shape, dtype)
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    return self.get_slice(name)[...]
+
+  def read(self, offset: int, size: int) -> bytes:
+    self._f.seek(offset)
+    data = self._f.read(size)
+    if len(data) != size:
+      raise ValueError(f"{self._file}: truncated (wanted {size} bytes at {offset}, "
+                       f"got {len(data)})")
+    return data
+
+
+class _RemoteSlice:
+  """`get_slice` result: reads only the rows its index selects on the first axis."""
+
+  def __init__(self, file: _RemoteSafetensors, offset: int, shape: tuple[int, ...],
+               dtype: np.dtype):
+    self._file, self._offset, self._shape, self._dtype = file, offset, shape, dtype
+
+  def get_shape(self) -> list[int]:
+    return list(self._shape)
+
+  def __getitem__(self, idx) -> np.ndarray:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not self._shape or not idx or idx[0] is Ellipsis:  # everything
+      data = self._file.read(self._offset, math.prod(self._shape) * self._dtype.itemsize)
+      return np.frombuffer(data, self._dtype).reshape(self._shape)[idx]
+    first, rest = idx[0], idx[1:]
+    n = self._shape[0]
+    if isinstance(first, slice):
+      rows = range(*first.indices(n))
+    else:  # an integer
+      i = int(first) + n if int(first) < 0 else int(first)
+      if not 0 <= i < n:
+        raise IndexError(f"index {first} out of range for axis 0 of size {n}")
+      rows = range(i, i + 1)
+    row_shape = self._shape[1:]
+    if not rows:
+      return np.zeros((0,) + row_shape, self._dtype)[(slice(None),) + rest]
+    lo, hi = min(rows), max(rows) + 1
+    row_bytes = math.prod(row_shape) * self._dtype.itemsize
+    data = self._file.read(self._offset + lo * row_bytes, (hi - lo) * row_bytes)
+    block = np.frombuffer(data, self._dtype).reshape((hi - lo,) + row_shape)
+    if not isinstance(first, slice):
+      return block[(0,) + rest]
+    stop = rows.stop - lo
+    local = slice(rows.start - lo, stop if stop >= 0 else None, rows.step)
+    return block[(local,) + rest]
+
+
+def _open_safetensors(file: str, stack: contextlib.ExitStack):
+  """safetensors.safe_open (mmap) for a local file, range reads for a remote one."""
+  if fileio.is_remote(file):
+    return _RemoteSafetensors(stack.enter_context(fileio.open(file, "rb")), file)
+  return stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+
+
+# ---------------------------------------------------------------------------
 # Loading.
 # ---------------------------------------------------------------------------
 
@@ -336,18 +446,18 @@ def hf_tensor_names(config: llama.LlamaConfig) -> list[str]:
 def _checkpoint_files(path: str) -> dict[str, str]:
   """HF tensor name -> safetensors file (full path)."""
   index = os.path.join(path, INDEX_FILE)
-  if os.path.exists(index):
-    with open(index) as f:
+  if fileio.exists(index):
+    with fileio.open(index) as f:
       weight_map = json.load(f)["weight_map"]
     return {name: os.path.join(path, file) for name, file in weight_map.items()}
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  files = sorted(f for f in fileio.listdir(path) if f.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(f"No *.safetensors files or {INDEX_FILE} in {path}")
   out = {}
   for file in files:
     full = os.path.join(path, file)
-    with safetensors.safe_open(full, framework="numpy") as f:
-      for name in f.keys():
+    with contextlib.ExitStack() as stack:
+      for name in _open_safetensors(full, stack).keys():
         out[name] = full
   return out
 
@@ -416,8 +526,7 @@ def load_checkpoint(
     def tensor(name: str):
       file = files[name]
       if file not in handles:
-        handles[file] = stack.enter_context(
-            safetensors.safe_open(file, framework="numpy"))
+        handles[file] = _open_safetensors(file, stack)
       return handles[file].get_slice(name), file
 
     def check_shape(name, kind, layer_shape):
@@ -539,7 +648,7 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
 
   write = jax.process_index() == 0
   if write:
-    os.makedirs(path, exist_ok=True)
+    fileio.makedirs(path)
   weight_map = {}
   for i, shard in enumerate(shards):
     file = (SINGLE_FILE if len(shards) == 1 else
@@ -547,17 +656,16 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
     tensors = {name: np.ascontiguousarray(_to_hf(get(), kind).astype(np_dtype))
                for name, kind, _, get in shard}
     if write:
-      safetensors.numpy.save_file(tensors, os.path.join(path, file),
-                                  metadata={"format": "pt"})
+      _save_safetensors(tensors, os.path.join(path, file), {"format": "pt"})
     weight_map.update({name: file for name in tensors})
     del tensors
   if not write:
     return
   if len(shards) > 1:
-    with open(os.path.join(path, INDEX_FILE), "w") as f:
+    with fileio.open(os.path.join(path, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total_size},
                  "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
+  with fileio.open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(config_to_hf(dataclasses.replace(config, param_dtype=dtype)),
               f, indent=2)
   eos = list(config.eos_token_ids)
@@ -566,6 +674,16 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
     generation["bos_token_id"] = config.bos_token_id
   if eos:
     generation["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-  with open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
+  with fileio.open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
     json.dump(generation, f, indent=2)
+
+
+def _save_safetensors(tensors: dict[str, np.ndarray], file: str,
+                      metadata: dict[str, str]) -> None:
+  """safetensors.numpy.save_file; to a remote file as one upload of the serialized
+  bytes (one shard, at most max_shard_size, in host memory; no local disk needed)."""
+  if fileio.is_remote(file):
+    fileio.write_bytes(file, safetensors.numpy.save(tensors, metadata=metadata))
+  else:
+    safetensors.numpy.save_file(tensors, file, metadata=metadata)
 

@@ -21,7 +21,8 @@ that training used:
     config, params = reward_io.load(path, mesh=mesh)
     meta = reward_io.load_metadata(path)            # {'system_template': ...}
 
-No pickle: safetensors and JSON only.
+No pickle: safetensors and JSON only. `path` may be local or remote (gs://...; see
+rlhi.fileio).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-import safetensors
 import safetensors.numpy
 
+from rlhi import fileio
 from rlhi import sharding as sharding_lib
 from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import reward
+from rlhi.models import tokenizer as tokenizer_lib
 
 Params = Any
 
@@ -87,30 +89,31 @@ def save(params: Params, config: llama.LlamaConfig, path: str, *, tokenizer: Any
           "score.bias": to_host(params["score"]["bias"]).astype(np.float32)}
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.join(path, os.path.dirname(HEAD_FILE)), exist_ok=True)
-  safetensors.numpy.save_file(head, os.path.join(path, HEAD_FILE),
-                              metadata={"format": "np"})
+  fileio.makedirs(os.path.join(path, os.path.dirname(HEAD_FILE)))
+  # save(), not save_file(): bytes go to a remote path as well as a local one.
+  fileio.write_bytes(os.path.join(path, HEAD_FILE),
+                     safetensors.numpy.save(head, metadata={"format": "np"}))
   meta = {"format": FORMAT, "tie_embeddings": bool(config.tie_embeddings),
           "system_template": system_template, "with_persona": bool(with_persona),
           **(extra or {})}
-  with open(os.path.join(path, META_FILE), "w", encoding="utf-8") as f:
+  with fileio.open(os.path.join(path, META_FILE), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
     f.write("\n")
   if tokenizer is not None:
-    tokenizer.save_pretrained(path)
+    tokenizer_lib.save_tokenizer(tokenizer, path)
 
 
 def load_metadata(path: str) -> dict[str, Any]:
   """reward_model.json of a reward-model directory; says what is wrong if it is not."""
   file = os.path.join(path, META_FILE)
-  if not os.path.exists(file):
+  if not fileio.exists(file):
     hint = ""
-    if os.path.exists(os.path.join(path, hf_io.CONFIG_FILE)):
+    if fileio.exists(os.path.join(path, hf_io.CONFIG_FILE)):
       hint = (" (this looks like a language-model checkpoint, not a reward model; "
               "experiments/train_reward.py exports one to <workdir>/reward_model)")
     raise FileNotFoundError(f"{file} not found: {path} is not a reward-model directory "
                             f"written by rlhi.models.reward_io.save{hint}")
-  with open(file, encoding="utf-8") as f:
+  with fileio.open(file) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{file}: field 'format' is {meta.get('format')!r}, expected "
@@ -146,15 +149,15 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, *, shardings: Any = N
   _, backbone = hf_io.load_checkpoint(path, tied, shardings["backbone"])
 
   head_file = os.path.join(path, HEAD_FILE)
-  if not os.path.exists(head_file):
+  if not fileio.exists(head_file):
     raise FileNotFoundError(f"{head_file} not found: the reward model's score head is "
                             f"missing from {path}")
-  with safetensors.safe_open(head_file, framework="numpy") as f:
-    names = set(f.keys())
-    if names != {"score.kernel", "score.bias"}:
-      raise ValueError(f"{head_file}: expected tensors score.kernel and score.bias, got "
-                       f"{sorted(names)}")
-    kernel, bias = f.get_tensor("score.kernel"), f.get_tensor("score.bias")
+  # A few KB: read whole (also from a remote path, where safe_open cannot mmap).
+  head = safetensors.numpy.load(fileio.read_bytes(head_file))
+  if set(head) != {"score.kernel", "score.bias"}:
+    raise ValueError(f"{head_file}: expected tensors score.kernel and score.bias, got "
+                     f"{sorted(head)}")
+  kernel, bias = head["score.kernel"], head["score.bias"]
   if kernel.shape != (config.hidden_size,) or bias.shape != ():
     raise ValueError(f"{head_file}: score.kernel has shape {kernel.shape} and score.bias "
                      f"{bias.shape}; expected ({config.hidden_size},) and () for "

@@ -5,6 +5,9 @@ r"""Tokenizers and chat formatting in token space.
     bundled sample and shipped in rlhi/models/assets/bundled_tokenizer/, with a Llama-3
     style chat template whose system slot carries the persona. Offline, no download.
   - a local directory or an HF hub id with its own chat template (Llama 3.x, Qwen2...).
+  - a remote directory (gs://..., any path etils.epath supports): its tokenizer files
+    (not the weights beside them) are copied to a local temporary directory first.
+    `save_tokenizer(tok, path)` writes to a local or remote directory.
 
 `ChatFormatter` turns (system, messages, completion) into token ids such that
 `prompt_ids + completion_ids` equals the tokenization of the whole conversation rendered
@@ -27,6 +30,8 @@ import json
 import os
 from typing import Sequence
 
+from rlhi import fileio
+
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED_DIR = os.path.join(ASSETS, "bundled_tokenizer")
 BUNDLED_VOCAB_SIZE = 4096
@@ -47,14 +52,34 @@ BUNDLED_CHAT_TEMPLATE = (
     "{% endif %}")
 
 
+# Files of a checkpoint directory that are not the tokenizer's: not copied from a remote
+# directory (an HF checkpoint keeps its tokenizer next to gigabytes of weights).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack",
+                    ".gguf", ".onnx", ".safetensors.index.json", ".bin.index.json")
+
+
+def _is_tokenizer_file(name: str) -> bool:
+  return not name.endswith(_WEIGHT_SUFFIXES)
+
+
 def load_tokenizer(name: str = "bundled"):
-  """'bundled', a local HF tokenizer directory, or an HF hub id."""
+  """'bundled', a local or remote (gs://...) HF tokenizer directory, or an HF hub id."""
   import transformers  # pylint: disable=g-import-not-at-top  (heavy)
   path = BUNDLED_DIR if name == "bundled" else name
   if name == "bundled" and not os.path.exists(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"{path}/tokenizer.json missing: run "
                             f"python -m rlhi.models.tokenizer --rebuild_bundled")
-  tok = transformers.AutoTokenizer.from_pretrained(path)
+  if fileio.is_remote(path):
+    if not fileio.isdir(path):
+      raise FileNotFoundError(f"tokenizer {name!r}: no such directory")
+    # transformers reads local files only. The tokenizer holds everything it needs
+    # once loaded (tokenizer.json, or a sentencepiece model in memory), so the
+    # temporary copy can go.
+    with fileio.local_input(path, include=_is_tokenizer_file) as local:
+      tok = transformers.AutoTokenizer.from_pretrained(local)
+    tok.name_or_path = name
+  else:
+    tok = transformers.AutoTokenizer.from_pretrained(path)
   if tok.chat_template is None:
     raise ValueError(f"tokenizer {name!r} has no chat template; rlhi formats "
                      f"conversations with it (set tokenizer.chat_template)")
@@ -64,6 +89,12 @@ def load_tokenizer(name: str = "bundled"):
 @functools.lru_cache(maxsize=8)
 def cached_tokenizer(name: str = "bundled"):
   return load_tokenizer(name)
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+  """tokenizer.save_pretrained(path) for a local or remote (gs://...) directory."""
+  with fileio.local_output(path, is_dir=True) as local:
+    tokenizer.save_pretrained(local)
 
 
 @dataclasses.dataclass(frozen=True)

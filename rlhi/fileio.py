@@ -1,0 +1,203 @@
+"""File io on local paths and on every path etils.epath supports (gs://, s3://, ...).
+
+A local path goes to the builtins exactly as before (`open`, `os.makedirs`,
+`os.replace`), so local behaviour does not change; a path with a scheme (`gs://b/run`)
+goes through `etils.epath`, whose backend is tf.io.gfile when tensorflow is installed
+and fsspec (gcsfs for gs://, `pip install -e .[tpu]`) otherwise.
+
+Object stores differ from a file system in ways the callers must not trip over:
+  - there is no append: an object is written whole, so `open(path, "a")` raises;
+  - an object appears only once its upload completes, so uploading a finished local
+    file is as atomic as a local temporary file plus rename (`atomic_write`);
+  - libraries that need a real file (safetensors' mmap, sqlite, tensorboardX,
+    transformers' save_pretrained) work on a local temporary copy (`local_input`,
+    `local_output`).
+
+Never imports jax: the data package (rlhi/data) uses this module.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import IO
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_COPY_CHUNK = 8 * 2**20
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a URI such as gs://bucket/dir (anything with a scheme)."""
+  return _SCHEME.match(os.fspath(path)) is not None
+
+
+def _epath(path: PathLike) -> epath.Path:
+  return epath.Path(os.fspath(path))
+
+
+# pylint: disable-next=redefined-builtin
+def open(path: PathLike, mode: str = "r", *, encoding: str = "utf-8",
+         newline: str | None = None) -> IO:
+  """`builtins.open` for a local path; an epath file for a remote one.
+
+  Text is always UTF-8 (also remotely, where fsspec would otherwise use the locale's
+  encoding).
+  """
+  if not is_remote(path):
+    return builtins.open(path, mode, encoding=None if "b" in mode else encoding,
+                         newline=None if "b" in mode else newline)
+  if "a" in mode or "+" in mode:
+    raise ValueError(f"open({os.fspath(path)!r}, {mode!r}): object stores cannot "
+                     f"append or update in place; write the object whole")
+  binary_mode = mode.replace("t", "").replace("b", "") + "b"
+  raw = _epath(path).open(binary_mode)
+  if "b" in mode:
+    return raw
+  if isinstance(raw, io.IOBase):  # fsspec: wrap, to choose the encoding ourselves.
+    return io.TextIOWrapper(raw, encoding=encoding, newline=newline)
+  # tf.io.gfile.GFile is no io.IOBase (TextIOWrapper cannot wrap it) and its text mode
+  # is UTF-8 already. Nothing was written to `raw`: GFile creates its writer lazily.
+  raw.close()
+  return _epath(path).open(mode.replace("t", ""))
+
+
+def exists(path: PathLike) -> bool:
+  if not is_remote(path):
+    return os.path.exists(path)
+  return _epath(path).exists()
+
+
+def isdir(path: PathLike) -> bool:
+  if not is_remote(path):
+    return os.path.isdir(path)
+  return _epath(path).is_dir()
+
+
+def listdir(path: PathLike) -> list[str]:
+  """Names (not paths) in a directory, like os.listdir."""
+  if not is_remote(path):
+    return os.listdir(path)
+  return [p.name for p in _epath(path).iterdir()]
+
+
+def makedirs(path: PathLike) -> None:
+  """os.makedirs(exist_ok=True); on an object store, whatever the backend needs."""
+  if not is_remote(path):
+    os.makedirs(path, exist_ok=True)
+  else:
+    _epath(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_bytes(path: PathLike) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", *, newline: str | None = "\n"
+                 ) -> Iterator[IO]:
+  """A file that appears at `path` whole or not at all.
+
+  Local: written to `<path>.tmp`, then renamed over `path`. Remote: written to a local
+  temporary file, then uploaded as one object (an object becomes visible only when its
+  upload completes; a rename on GCS is a copy plus a delete, no more atomic).
+  """
+  path = os.fspath(path)
+  if is_remote(path):
+    # Not straight to the object: closing a remote file uploads what it holds, also
+    # when the block raised half-way. A local file is uploaded only on success.
+    with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
+      local = os.path.join(tmp, _epath(path).name)
+      with open(local, mode, newline=newline) as f:
+        yield f
+      copy_file(local, path)
+    return
+  tmp = path + ".tmp"
+  with open(tmp, mode, newline=newline) as f:
+    yield f
+  os.replace(tmp, path)
+
+
+def copy_file(src: PathLike, dst: PathLike) -> None:
+  """Copies one file; either side may be local or remote. Streams in chunks."""
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copyfile(src, dst)
+    return
+  with open(src, "rb") as fin, open(dst, "wb") as fout:
+    while chunk := fin.read(_COPY_CHUNK):
+      fout.write(chunk)
+
+
+def upload_tree(local_dir: PathLike, dst: PathLike) -> None:
+  """Copies every file under `local_dir` to the same relative path under `dst`."""
+  local_dir = os.fspath(local_dir)
+  for root, _, files in os.walk(local_dir):
+    rel = os.path.relpath(root, local_dir)
+    target = dst if rel == "." else os.path.join(dst, rel)
+    if files:
+      makedirs(target)
+    for name in sorted(files):
+      copy_file(os.path.join(root, name), os.path.join(target, name))
+
+
+@contextlib.contextmanager
+def local_input(path: PathLike, *, include: Callable[[str], bool] | None = None
+                ) -> Iterator[str]:
+  """A local path with the contents of `path` (a file, or a directory's top-level files).
+
+  Local: `path` itself, nothing copied. Remote: a temporary copy, deleted on exit; for
+  a directory only the files whose name passes `include` (e.g. a tokenizer's files,
+  not the model weights beside them), subdirectories not at all.
+  """
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
+    if not isdir(path):
+      local = os.path.join(tmp, _epath(path).name)
+      copy_file(path, local)
+      yield local
+      return
+    for child in _epath(path).iterdir():
+      if (include is None or include(child.name)) and not child.is_dir():
+        copy_file(os.fspath(child), os.path.join(tmp, child.name))
+    yield tmp
+
+
+@contextlib.contextmanager
+def local_output(path: PathLike, *, is_dir: bool = False) -> Iterator[str]:
+  """A local path to write to; what is written there ends up at `path`.
+
+  Local: `path` itself (its directory created). Remote: a temporary file or
+  directory, uploaded when the block exits without an exception (into `path`, next to
+  what is there already), then deleted.
+  """
+  path = os.fspath(path)
+  if not is_remote(path):
+    makedirs(path if is_dir else (os.path.dirname(path) or "."))
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
+    if is_dir:
+      yield tmp
+      upload_tree(tmp, path)
+    else:
+      local = os.path.join(tmp, _epath(path).name)
+      yield local
+      copy_file(local, path)

@@ -1,0 +1,396 @@
+"""gs:// work directories, exercised offline through the real remote code path.
+
+etils.epath sends gs:// to fsspec when tensorflow is not installed (and here it is made
+to, in case it is). fsspec is given an in-memory filesystem under the "gs"/"gcs"
+protocols that refuses what GCS refuses (appending, updating in place), so everything
+from rlhi.fileio down to epath's fsspec backend runs as it would against a bucket; only
+gcsfs's HTTP calls are replaced. datasets' save_to_disk / load_from_disk reach the same
+filesystem through fsspec.
+"""
+
+import contextlib
+import importlib
+import os
+import struct
+
+from etils import epath
+from etils.epath import backend as epath_backend
+from etils.epath import gpath
+import fsspec
+from fsspec.implementations import memory
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+
+from configs import data_prep
+from rlhi import fileio
+from rlhi import sharding
+from rlhi.data import pipeline
+from rlhi.data import schema
+from rlhi.models import hf_io
+from rlhi.models import llama
+from rlhi.models import reward
+from rlhi.models import reward_io
+from rlhi.models import tokenizer as tok_lib
+from rlhi.train import metrics
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+            num_kv_heads=1, head_dim=32)
+
+
+class _FakeGCS(memory.MemoryFileSystem):
+  """gs:// in memory, with the restrictions of GCS objects that matter to callers."""
+
+  protocol = ("gs", "gcs")
+  store = {}
+  pseudo_dirs = [""]
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = fsspec.utils.stringify_path(path)
+    return super()._strip_protocol(path.removeprefix("gs://").removeprefix("gcs://"))
+
+  def _open(self, path, mode="rb", **kwargs):
+    if "a" in mode or "+" in mode:
+      raise NotImplementedError(f"GCS objects cannot be appended to ({path}, {mode})")
+    return super()._open(path, mode, **kwargs)
+
+
+def _clear_epath_cache():
+  """epath keeps the filesystem it got from fsspec for "gcs"."""
+  # pylint: disable-next=protected-access
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture
+def gcs(monkeypatch, tmp_path):
+  """The fake bucket's store (path -> file); the test runs in tmp_path."""
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+  monkeypatch.setattr(_FakeGCS, "store", {})
+  monkeypatch.setattr(_FakeGCS, "pseudo_dirs", [""])
+  # fsspec has no unregister: remember what was there (normally nothing: gcsfs is
+  # imported lazily from known_implementations) and put it back.
+  # pylint: disable-next=protected-access
+  registry = importlib.import_module("fsspec.registry")._registry
+  saved = {p: registry.get(p) for p in ("gs", "gcs")}
+  for p in saved:
+    fsspec.register_implementation(p, _FakeGCS, clobber=True)
+  _FakeGCS.clear_instance_cache()
+  _clear_epath_cache()
+  monkeypatch.setenv("RLHI_CACHE_DIR", str(tmp_path / "local_cache"))
+  monkeypatch.chdir(tmp_path)
+  # pylint: disable-next=protected-access
+  assert epath.Path("gs://b/x")._backend is epath_backend.fsspec_backend
+  yield _FakeGCS.store
+  for p, cls in saved.items():
+    if cls is None:
+      registry.pop(p, None)
+    else:
+      registry[p] = cls
+  _clear_epath_cache()
+  # The bug this guards against: a local directory literally named "gs:".
+  assert not os.path.exists(tmp_path / "gs:")
+
+
+def _remote_files(store, prefix):
+  return sorted(k[len(prefix):] for k in store if k.startswith(prefix))
+
+
+# ----------------------------------------------------------------------------------------
+# rlhi.fileio
+# ----------------------------------------------------------------------------------------
+
+
+def test_fileio_basics(gcs, tmp_path):
+  assert fileio.is_remote("gs://b/x") and fileio.is_remote("s3://b/x")
+  assert not fileio.is_remote("/tmp/x") and not fileio.is_remote("meta-llama/Llama-3")
+  with fileio.open("gs://b/d/t.txt", "w") as f:
+    f.write("héllo ✓\n")
+  assert gcs["/b/d/t.txt"].getvalue() == "héllo ✓\n".encode()  # UTF-8 whatever locale
+  with fileio.open("gs://b/d/t.txt") as f:
+    assert f.read() == "héllo ✓\n"
+  assert fileio.exists("gs://b/d/t.txt") and not fileio.exists("gs://b/d/nope")
+  assert fileio.isdir("gs://b/d") and fileio.listdir("gs://b/d") == ["t.txt"]
+  with pytest.raises(ValueError, match="append"):
+    fileio.open("gs://b/d/t.txt", "a")
+  # A block that fails leaves no object behind (closing a remote file would upload).
+  with pytest.raises(RuntimeError), fileio.atomic_write("gs://b/d/partial.json") as f:
+    f.write("{")
+    raise RuntimeError("boom")
+  assert not fileio.exists("gs://b/d/partial.json")
+  with fileio.local_output("gs://b/out", is_dir=True) as local:
+    os.makedirs(os.path.join(local, "sub"))
+    for name in ("a.txt", "sub/b.txt"):
+      with open(os.path.join(local, name), "w") as f:
+        f.write(name)
+  assert _remote_files(gcs, "/b/out/") == ["a.txt", "sub/b.txt"]
+  with fileio.local_input("gs://b/out", include=lambda n: n != "skip") as local:
+    assert os.listdir(local) == ["a.txt"]  # top-level files only
+  with fileio.local_input("gs://b/out/sub/b.txt") as local, open(local) as f:
+    assert f.read() == "sub/b.txt"
+  # Local paths are passed through untouched.
+  with fileio.local_input(str(tmp_path)) as local:
+    assert local == str(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# Data: JSONL, reports, the stages.
+# ----------------------------------------------------------------------------------------
+
+
+def test_jsonl_round_trip_and_errors_name_file_and_line(gcs):
+  pairs = [schema.Message("user", "hi"), schema.Message("assistant", "ça va ✓")]
+  assert schema.write_jsonl("gs://b/data/m.jsonl", pairs) == 2
+  assert "/b/data/m.jsonl.tmp" not in gcs  # no temp object left behind
+  assert schema.read_jsonl("gs://b/data/m.jsonl", schema.Message) == pairs
+  with fileio.open("gs://b/data/bad.jsonl", "wb") as f:
+    f.write(b'{"role": "user", "content": "ok"}\n{"role": "robot", "content": "x"}\n'
+            b'\xff\xfe\n')
+  with pytest.raises(schema.SchemaError,
+                     match=r"^gs://b/data/bad\.jsonl:2: field 'role'"):
+    schema.read_jsonl("gs://b/data/bad.jsonl", schema.Message)
+  rejects = []
+  assert len(schema.read_jsonl("gs://b/data/bad.jsonl", schema.Message, lenient=True,
+                               rejects=rejects)) == 1
+  assert [(r.source, r.line, r.reason) for r in rejects] == [
+      ("gs://b/data/bad.jsonl", 2, "schema"),
+      ("gs://b/data/bad.jsonl", 3, "invalid_utf8")]
+
+
+def test_write_report(gcs):
+  pipeline.write_report("gs://b/run", "eval", {"accuracy": 0.5, "név": "✓"},
+                        "# Eval\n")
+  with fileio.open("gs://b/run/eval_report.json") as f:
+    assert f.read() == '{\n  "accuracy": 0.5,\n  "név": "✓"\n}\n'
+  assert gcs["/b/run/eval_report.md"].getvalue() == b"# Eval\n"
+
+
+def test_data_stages_on_gcs_equal_a_local_run(gcs, tmp_path):
+  cfg = data_prep.get_config("sample")
+  local = str(tmp_path / "local")
+  for stage in pipeline.STAGES:
+    pipeline.run_stage(stage, cfg, local)
+    pipeline.run_stage(stage, cfg, "gs://b/data")
+  local_files = sorted(
+      os.path.relpath(os.path.join(root, f), local)
+      for root, _, files in os.walk(local) for f in files
+      if not f.startswith(pipeline.LLM_CACHE))
+  remote_files = [f for f in _remote_files(gcs, "/b/data/") if f != pipeline.LLM_CACHE]
+  assert remote_files == local_files
+  for name in local_files:
+    if name.endswith((".json", ".jsonl", ".md")):
+      with open(os.path.join(local, name), "rb") as f:
+        assert gcs["/b/data/" + name].getvalue() == f.read(), name
+  import datasets  # pylint: disable=g-import-not-at-top
+  dd = datasets.load_from_disk("gs://b/data/" + pipeline.PAIRS_HF)
+  assert dd["train"].num_rows == len(schema.read_jsonl(
+      "gs://b/data/pairs_rewrites.train.jsonl", schema.PreferencePair)) > 0
+
+  # The request cache went up to the bucket: from there alone (a new machine, no
+  # local copy), a re-run asks for nothing.
+  assert "/b/data/" + pipeline.LLM_CACHE in gcs
+  cache_dir = os.path.dirname(pipeline.local_llm_cache("gs://b/data"))
+  assert cache_dir.startswith(str(tmp_path / "local_cache"))
+  for name in os.listdir(cache_dir):
+    os.remove(os.path.join(cache_dir, name))
+  again = pipeline.run_stage("classify", cfg, "gs://b/data")
+  assert again["requests"]["cached"] == again["follow_ups"] > 0
+  # With both a local and a remote copy, they are merged; still nothing asked.
+  again = pipeline.run_stage("persona", cfg, "gs://b/data")
+  assert again["requests"]["cached"] == again["requests"]["requests"] > 0
+
+
+def test_data_package_does_not_import_jax():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = ("import rlhi.data.pipeline, rlhi.fileio, sys; "
+          "assert 'jax' not in sys.modules, 'jax imported'")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Models: HF checkpoints, reward models, tokenizers.
+# ----------------------------------------------------------------------------------------
+
+
+def _assert_trees_equal(a, b):
+  fa, ta = jax.tree.flatten(a)
+  fb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(fa, fb):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_hf_checkpoint_round_trip(gcs, tmp_path):
+  config = llama.get_config("tiny", **TINY)
+  params = llama.init_params(config, jax.random.PRNGKey(0))
+  hf_io.save_checkpoint(params, config, "gs://b/run/hf")
+  assert _remote_files(gcs, "/b/run/hf/") == [
+      hf_io.CONFIG_FILE, hf_io.GENERATION_CONFIG_FILE, hf_io.SINGLE_FILE]
+  # The same bytes as a local export.
+  hf_io.save_checkpoint(params, config, str(tmp_path / "hf"))
+  for name in _remote_files(gcs, "/b/run/hf/"):
+    with open(tmp_path / "hf" / name, "rb") as f:
+      assert gcs["/b/run/hf/" + name].getvalue() == f.read(), name
+  assert hf_io.load_config("gs://b/run/hf") == config
+  loaded_config, loaded = hf_io.load_checkpoint("gs://b/run/hf")
+  assert loaded_config == config
+  _assert_trees_equal(loaded, params)
+
+
+def test_hf_checkpoint_sharded_into_a_mesh_and_unscanned(gcs):
+  # Every layout kind: q/k/v biases (qwen2) and tied embeddings too.
+  config = llama.get_config("tiny", **dict(TINY, num_heads=4, num_kv_heads=2),
+                            qkv_bias=True, tie_embeddings=True)
+  params = llama.init_params(config, jax.random.PRNGKey(1))
+  params = jax.tree.map(  # random biases, not zeros, so that slicing them matters
+      lambda x: x + jax.random.normal(jax.random.PRNGKey(2), x.shape, x.dtype), params)
+  hf_io.save_checkpoint(params, config, "gs://b/hf2", max_shard_size=100_000)
+  files = _remote_files(gcs, "/b/hf2/")
+  assert hf_io.INDEX_FILE in files and sum(f.endswith(".safetensors") for f in files) > 2
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+  shardings = sharding.logical_shardings(llama.abstract_params(config), mesh)
+  _, loaded = hf_io.load_checkpoint("gs://b/hf2", config, shardings=shardings)
+  q = loaded["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  _assert_trees_equal(loaded, params)
+  # Unscanned: per-layer leaves; and without the index (listing + headers).
+  unscanned, per_layer = hf_io.load_checkpoint("gs://b/hf2", scan_layers=False)
+  assert "layers_1" in per_layer
+  np.testing.assert_array_equal(
+      np.asarray(per_layer["layers_1"]["self_attn"]["q_proj"]["bias"]),
+      np.asarray(params["layers"]["self_attn"]["q_proj"]["bias"][1]))
+  del gcs["/b/hf2/" + hf_io.INDEX_FILE]
+  _, no_index = hf_io.load_checkpoint("gs://b/hf2", unscanned)
+  _assert_trees_equal(no_index, per_layer)
+
+
+def test_remote_safetensors_slices_equal_safe_open(gcs, tmp_path):
+  rng = np.random.default_rng(0)
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  tensors = {"m": rng.normal(size=(7, 5)).astype(np.float32),
+             "b": rng.normal(size=(6, 3)).astype(ml_dtypes.bfloat16),
+             "v": rng.normal(size=(9,)).astype(np.float16),
+             "s": np.asarray(3.5, np.float32)}
+  local = str(tmp_path / "t.safetensors")
+  safetensors.numpy.save_file(tensors, local)
+  fileio.copy_file(local, "gs://b/t.safetensors")
+  indices = [(slice(1, 4), slice(0, 5)), (slice(0, 7), slice(2, 3)), (slice(6, 2, -2),),
+             (slice(5, 5),), (2,), (-1, slice(1, 3)), (slice(None),), ...]
+  with contextlib.ExitStack() as stack:
+    # pylint: disable-next=protected-access
+    remote = hf_io._open_safetensors("gs://b/t.safetensors", stack)
+    ref = stack.enter_context(safetensors.safe_open(local, framework="numpy"))
+    assert sorted(remote.keys()) == sorted(ref.keys())
+    for name in ("m", "b", "v"):
+      sl = remote.get_slice(name)
+      assert sl.get_shape() == list(tensors[name].shape)
+      for idx in indices:
+        if name == "v" and isinstance(idx, tuple) and len(idx) > 1:
+          continue
+        got, want = sl[idx], tensors[name][idx]
+        assert got.dtype == want.dtype and got.shape == want.shape, (name, idx)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(remote.get_tensor("s"), ref.get_tensor("s"))
+
+
+def test_reward_model_and_tokenizer_round_trip(gcs, monkeypatch):
+  config = llama.get_config("tiny", **TINY)
+  params = reward.init_params(config, jax.random.PRNGKey(1))
+  params["score"] = {"kernel": jax.random.normal(jax.random.PRNGKey(2), (64,)),
+                     "bias": jnp.asarray(0.25, jnp.float32)}
+  tok = tok_lib.load_tokenizer("bundled")
+  reward_io.save(params, config, "gs://b/rm", tokenizer=tok,
+                 system_template="User:\n{persona}")
+  files = _remote_files(gcs, "/b/rm/")
+  assert {"tokenizer.json", reward_io.META_FILE, "score/head.safetensors",
+          hf_io.SINGLE_FILE} <= set(files)
+  assert reward_io.load_metadata("gs://b/rm")["system_template"] == "User:\n{persona}"
+  loaded_config, loaded = reward_io.load("gs://b/rm")
+  assert loaded_config == config
+  _assert_trees_equal(loaded, params)
+
+  # The tokenizer from the same directory: only its own files come down.
+  copied = []
+  copy_file = fileio.copy_file
+  monkeypatch.setattr(fileio, "copy_file",
+                      lambda src, dst: (copied.append(os.path.basename(src)),
+                                        copy_file(src, dst)))
+  remote_tok = tok_lib.load_tokenizer("gs://b/rm")
+  assert "tokenizer.json" in copied
+  assert not any(n.endswith(".safetensors") for n in copied), copied
+  assert reward_io.META_FILE in copied  # harmless small files come along
+  assert remote_tok.name_or_path == "gs://b/rm"
+  msgs = [{"role": "user", "content": "Hello there ✓"}]
+  fmt, remote_fmt = tok_lib.ChatFormatter(tok), tok_lib.ChatFormatter(remote_tok)
+  assert remote_fmt.encode(msgs, "Hi!", persona="p") == fmt.encode(msgs, "Hi!",
+                                                                   persona="p")
+  assert remote_tok.chat_template == tok.chat_template
+
+
+def test_tokenizer_save_and_load(gcs):
+  tok = tok_lib.load_tokenizer("bundled")
+  tok_lib.save_tokenizer(tok, "gs://b/tok")
+  assert "tokenizer.json" in _remote_files(gcs, "/b/tok/")
+  again = tok_lib.load_tokenizer("gs://b/tok")
+  text = "A persona-conditioned reward ✓"
+  assert again(text)["input_ids"] == tok(text)["input_ids"]
+  with pytest.raises(FileNotFoundError, match="gs://b/nope"):
+    tok_lib.load_tokenizer("gs://b/nope")
+
+
+# ----------------------------------------------------------------------------------------
+# Training metrics.
+# ----------------------------------------------------------------------------------------
+
+
+def _events(data: bytes):
+  """Scalar (tag, step, value) of a TensorBoard events file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out, pos = [], 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+    pos += 12 + n + 4
+    out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_metric_writer_on_gcs_uploads_and_resumes(gcs):
+  w = metrics.MetricWriter("gs://b/run", 10, enabled=True, sync_secs=0.0)
+  w.write(1, {"loss": np.float32(2.0)})
+  w.write(2, {"loss": jnp.asarray(1.5)})
+  # Uploaded during the run (sync_secs=0), before close.
+  assert gcs["/b/run/metrics.jsonl"].getvalue().count(b"\n") == 2
+  w.write(2, {"accuracy": 0.75}, prefix="eval")
+  w.close()
+  lines = fileio.read_bytes("gs://b/run/metrics.jsonl").decode().splitlines()
+  assert lines == ['{"step": 1, "train/loss": 2.0}', '{"step": 2, "train/loss": 1.5}',
+                   '{"eval/accuracy": 0.75, "step": 2}']
+  (events_file,) = _remote_files(gcs, "/b/run/tb/")
+  assert events_file.startswith("events.out.tfevents.")
+  assert _events(gcs["/b/run/tb/" + events_file].getvalue()) == [
+      ("train/loss", 1, 2.0), ("train/loss", 2, 1.5), ("eval/accuracy", 2, 0.75)]
+
+  # A resumed run appends to metrics.jsonl, as a local one does; by default it
+  # uploads at close.
+  w = metrics.MetricWriter("gs://b/run", 10, initial_step=2, enabled=True)
+  w.write(3, {"loss": 1.0})
+  assert gcs["/b/run/metrics.jsonl"].getvalue().count(b"\n") == 3
+  w.close()
+  lines = fileio.read_bytes("gs://b/run/metrics.jsonl").decode().splitlines()
+  assert len(lines) == 4 and lines[-1] == '{"step": 3, "train/loss": 1.0}'
+
+
+def test_metric_writer_local_is_unchanged(tmp_path):
+  w = metrics.MetricWriter(str(tmp_path / "run"), 5, enabled=True)
+  w.write(1, {"loss": 3.0})
+  # Local: flushed line by line, as before.
+  assert (tmp_path / "run" / "metrics.jsonl").read_text() == (
+      '{"step": 1, "train/loss": 3.0}\n')
+  w.close()
+  assert len(os.listdir(tmp_path / "run" / "tb")) == 1
