@@ -126,3 +126,12 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
   config.log_every = max(1, min(10, steps // 10))
   config.eval_every = max(1, steps // 2)
   return config
+
+
+def lr_persona_sweep(hyper, lr: float) -> list:
+  """Learning rate at 0.3x, 1x and 3x `lr` x persona on/off: the sweep of SFT and the
+  reward model (`get_sweep` in their config files; rlhi/sweep.py)."""
+  return hyper.product([
+      hyper.sweep("config.optimizer.lr", [float(f"{lr * f:.2g}") for f in (0.3, 1, 3)]),
+      hyper.sweep("config.data.with_persona", [True, False]),
+  ])

@@ -39,8 +39,4 @@ def get_sweep(hyper, arg=None):
     python -m experiments.sweep --experiment experiments.train_reward \
         --config configs/reward_model.py:tiny --workdir /tmp/rlhi_sweep/reward
   """
-  lr = get_config(arg).optimizer.lr
-  return hyper.product([
-      hyper.sweep("config.optimizer.lr", [float(f"{lr * f:.2g}") for f in (0.3, 1, 3)]),
-      hyper.sweep("config.data.with_persona", [True, False]),
-  ])
+  return common.lr_persona_sweep(hyper, get_config(arg).optimizer.lr)

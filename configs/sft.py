@@ -34,8 +34,4 @@ def get_sweep(hyper, arg=None):
     python -m experiments.sweep --experiment experiments.train_sft \
         --config configs/sft.py:tiny --workdir /tmp/rlhi_sweep/sft
   """
-  lr = get_config(arg).optimizer.lr
-  return hyper.product([
-      hyper.sweep("config.optimizer.lr", [float(f"{lr * f:.2g}") for f in (0.3, 1, 3)]),
-      hyper.sweep("config.data.with_persona", [True, False]),
-  ])
+  return common.lr_persona_sweep(hyper, get_config(arg).optimizer.lr)
