@@ -41,7 +41,7 @@ _QUICK = flags.DEFINE_bool(
     "Few steps per stage (the CI smoke run); the same stages and reports.")
 
 # Steps per training stage: (full, quick).
-_STEPS = {"sft": (60, 4), "reward": (50, 4), "dpo": (40, 4), "online": (20, 4)}
+_STEPS = {"sft": (40, 4), "reward": (40, 4), "dpo": (30, 4), "online": (12, 4)}
 # UserEval runs: (name, system A, system B, persona-guided inference for both).
 _COMPARISONS = (("dpo_vs_sft_persona", "sft", "dpo", True),
                 ("dpo_vs_sft_no_persona", "sft", "dpo", False),
@@ -100,7 +100,7 @@ def main(argv):
       "experiments.user_rewards", "configs/dpo.py:user_rewards,tiny,rounds=1",
       d("user_rewards"), data_dir, steps["online"], f"--config.model.init={dpo}",
       f"--config.user_rewards.reward_model={rm}",
-      f"--config.user_rewards.prompts_per_round={8 if quick else 32}",
+      f"--config.user_rewards.prompts_per_round={8 if quick else 24}",
       f"--config.user_rewards.max_new_tokens={32 if quick else 64}",
       # The tiny RM's scores spread little after minutes of training (a few
       # steps in quick mode: ~1e-4); any strict gap makes a pair here.
@@ -122,9 +122,12 @@ def main(argv):
         f"--config.systems.a.name={a}{' + persona' if persona else ''}",
         f"--config.systems.b.name={b}{' + persona' if persona else ''}",
         f"--config.generation.max_new_tokens={32 if quick else 64}",
-        "--config.judge.reward_model.max_length=512",
-        "--config.judge.reward_model.max_response_length=256",
-        "--config.judge.reward_model.bucket_lengths=(256,512)"])
+        # Sampled, as in the online round: the tiny model's greedy answers are mostly
+        # runs of newlines (empty once stripped), which would make every pair a tie.
+        "--config.generation.temperature=0.6", "--config.generation.top_p=0.9",
+        *(f"--config.{part}.{k}" for part in ("judge.reward_model", "reward_eval")
+          for k in ("max_length=512", "max_response_length=256",
+                    "bucket_lengths=(256,512)"))])
   seconds["eval"] = time.perf_counter() - t0
 
   # ---- Report ------------------------------------------------------------------------
@@ -209,8 +212,7 @@ def write_report(work: str, seconds: dict, quick: bool) -> str:
               + ".", ""]
   for stage in pipeline.STAGES:
     sections.append(_read(os.path.join(work, "data", f"{stage}_report.md")))
-  for stage in ("reward", "dpo"):
-    sections.append(_read(os.path.join(work, stage, "eval_report.md")))
+  sections.append(_read(os.path.join(work, "dpo", "eval_report.md")))
   sections.append(_read(os.path.join(work, "user_rewards", "user_rewards_report.md")))
   win_rows = plot_win_rates(work, os.path.join(work, "win_rates.png"))
   sections += [
@@ -224,6 +226,8 @@ def write_report(work: str, seconds: dict, quick: bool) -> str:
   for name, *_ in _COMPARISONS:
     sections.append(f"## UserEval {name}\n")
     sections.append(_read(os.path.join(work, f"eval_{name}", "usereval.md")))
+  # The reward model on held-out pairs (experiments/evaluate.py, same numbers as
+  # train_reward's own eval_report.md: the same inputs).
   sections.append(_read(os.path.join(work, f"eval_{_COMPARISONS[0][0]}",
                                      "reward_eval_report.md")))
   plot_curves(work, os.path.join(work, "curves.png"))

@@ -77,7 +77,7 @@ def main(argv):
     export = os.path.join(workdir, "hf")
     hf_io.save_checkpoint(result.state.params, mconfig, export)
     if sharding.is_main_process():
-      tokenizer.save_pretrained(export)
+      tok_lib.save_tokenizer(tokenizer, export)
 
 
 if __name__ == "__main__":

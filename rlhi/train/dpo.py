@@ -129,7 +129,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
     export = os.path.join(workdir, "hf")
     hf_io.save_checkpoint(result.state.params, mconfig, export)
     if sharding.is_main_process():
-      tokenizer.save_pretrained(export)
+      tok_lib.save_tokenizer(tokenizer, export)
       write_report(workdir, cfg, result.final_eval, len(train_examples))
   return result
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from absl import logging
 import jax
 import numpy as np
 
+from rlhi import fileio
 from rlhi import sharding
 from rlhi.data import pipeline
 from rlhi.data import schema
@@ -46,7 +48,7 @@ def _round_dir(workdir: str, r: int) -> str:
 
 
 def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
+  with fileio.open(path) as f:
     return json.load(f)
 
 
@@ -54,6 +56,7 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
   """Steps 1-4 of a round: writes the round's pairs; returns its statistics."""
   ur = cfg.user_rewards
   item_set = items_lib.load_items(cfg.data.dir, split="train", require_persona=False)
+  t0 = time.perf_counter()
   rng = np.random.default_rng([cfg.seed, r])
   order = rng.permutation(len(item_set.items))
   gen = ChatGenerator(policy, model_tokenizer(cfg, policy),
@@ -76,6 +79,7 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
                       max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
                       top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
   del gen  # free the policy before the reward model loads
+  t1 = time.perf_counter()
   judge = judges.RewardModelJudge(
       ur.reward_model, tokenizer=model_tokenizer(cfg, ur.reward_model),
       persona=ur.rm_persona, batch_size=cfg.batch_size, max_length=cfg.data.max_length,
@@ -84,6 +88,7 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
   scores = score_candidates(judge, [item for item, _ in prompts],
                             [o.text for o in outs], n)
   del judge
+  t2 = time.perf_counter()
 
   pairs, records, skipped = [], [], {"below_threshold": 0, "identical": 0,
                                      "too_few_scored": 0}
@@ -123,11 +128,13 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
       "spread_mean": float(np.mean(spreads)) if spreads else float("nan"),
       "pair_gap_mean": float(np.mean(gaps)) if gaps else float("nan"),
       "finished_fraction": float(np.mean([o.finished for o in outs])) if outs else 0.0,
+      "completion_tokens": int(sum(o.completion_tokens for o in outs)),
+      # Wall time of each phase, model loading and compilation included.
+      "seconds": {"sampling": t1 - t0, "scoring": t2 - t1},
   }
   if sharding.is_main_process():
-    os.makedirs(rdir, exist_ok=True)
-    with open(os.path.join(rdir, "prompts_and_candidates.jsonl"), "w",
-              encoding="utf-8") as f:
+    fileio.makedirs(rdir)
+    with fileio.open(os.path.join(rdir, "prompts_and_candidates.jsonl"), "w") as f:
       for rec in records:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     schema.write_jsonl(os.path.join(rdir, PAIRS.format(split="train")), pairs)
@@ -167,10 +174,11 @@ def round_config(cfg, r: int, policy: str, rdir: str):
     c.model.init = policy
     c.reference.init = (cfg.model.init if cfg.user_rewards.reference == "initial"
                         else policy)
-    c.data.pairs = os.path.join(os.path.abspath(rdir), PAIRS)
+    rdir = rdir if fileio.is_remote(rdir) else os.path.abspath(rdir)
+    c.data.pairs = os.path.join(rdir, PAIRS)
     # Reference log-probs of the (fixed) eval pairs are shared by all rounds.
     c.reference.cache_dir = cfg.reference.cache_dir or os.path.join(
-        os.path.dirname(os.path.abspath(rdir)), "reference_logps")
+        os.path.dirname(rdir), "reference_logps")
   return c
 
 
@@ -191,19 +199,19 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
   for r in range(ur.rounds):
     rdir = _round_dir(workdir, r)
     done = os.path.join(rdir, "round.json")
-    if os.path.exists(done):
+    if fileio.exists(done):
       rounds.append(_read_json(done))
       policy = rounds[-1]["policy_after"]
       logging.info("user rewards: round %d already done", r)
       continue
     sampled = os.path.join(rdir, "sampling.json")
-    if os.path.exists(sampled):
+    if fileio.exists(sampled):
       stats = _read_json(sampled)
     else:
       stats = sample_and_score(cfg, r, policy, rdir)
     logging.info("user rewards round %d: %d pairs from %d prompts", r, stats["pairs"],
                  stats["prompts"])
-    after, dpo_metrics = policy, {}
+    after, dpo_metrics, t0 = policy, {}, time.perf_counter()
     if stats["pairs"]:
       dpo_dir = os.path.join(rdir, "dpo")
       result = dpo.run(round_config(cfg, r, policy, rdir), dpo_dir, mesh)
@@ -214,6 +222,7 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
       dpo_metrics = _last_train_metrics(dpo_dir) | {
           f"eval/{k}": v for k, v in result.final_eval.items()}
     stats = dict(stats) | {"policy_after": after, "dpo": dpo_metrics}
+    stats["seconds"] = dict(stats["seconds"]) | {"training": time.perf_counter() - t0}
     if sharding.is_main_process():
       pipeline.write_json(done, stats)
     rounds.append(stats)
@@ -226,8 +235,8 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
 def _last_train_metrics(workdir: str) -> dict[str, float]:
   path = os.path.join(workdir, "metrics.jsonl")
   last = {}
-  if jax.process_index() == 0 and os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
+  if jax.process_index() == 0 and fileio.exists(path):
+    with fileio.open(path) as f:
       for line in f:
         m = json.loads(line)
         if "train/loss" in m:
