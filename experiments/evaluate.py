@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rlhi import fileio
 from rlhi import sharding
 from rlhi.eval import report as report_lib
 from rlhi.eval import reward_eval
@@ -38,7 +39,7 @@ def main(argv):
     usereval.run_usereval(cfg, workdir)
     if sharding.is_main_process():
       print(f"\nWrote {os.path.join(workdir, report_lib.MD_FILE)}:\n")
-      with open(os.path.join(workdir, report_lib.MD_FILE), encoding="utf-8") as f:
+      with fileio.open(os.path.join(workdir, report_lib.MD_FILE)) as f:
         print(f.read())
 
   # ---- Reward-model accuracy ---------------------------------------------------------
@@ -47,7 +48,7 @@ def main(argv):
     if sharding.is_main_process():
       path = os.path.join(workdir, f"{reward_eval.REPORT_NAME}_report.md")
       print(f"\nWrote {path}:\n")
-      with open(path, encoding="utf-8") as f:
+      with fileio.open(path) as f:
         print(f.read())
 
 

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from rlhi import fileio
 from rlhi.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -33,7 +34,7 @@ def main(argv):
     logging.info("stage %s -> %s", stage, _WORKDIR.value)
     pipeline.run_stage(stage, cfg, _WORKDIR.value)
     if _PRINT_REPORT.value:
-      with open(f"{_WORKDIR.value}/{stage}_report.md", encoding="utf-8") as f:
+      with fileio.open(f"{_WORKDIR.value}/{stage}_report.md") as f:
         sys.stdout.write(f.read() + "\n")
 
 

@@ -394,3 +394,120 @@ def test_metric_writer_local_is_unchanged(tmp_path):
       '{"step": 1, "train/loss": 3.0}\n')
   w.close()
   assert len(os.listdir(tmp_path / "run" / "tb")) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: UserEval on a gs:// workdir.
+# ----------------------------------------------------------------------------------------
+
+
+def test_usereval_on_gcs(gcs, tmp_path):
+  # pylint: disable=g-import-not-at-top
+  import json
+  from configs import eval as eval_config
+  from rlhi.eval import items as items_lib
+  from rlhi.eval import report as report_lib
+  from rlhi.eval import usereval
+  from rlhi.testing.openai_server import OpenAIServer
+  # pylint: enable=g-import-not-at-top
+
+  # A data-prep output, made locally and copied to the bucket.
+  local_data = str(tmp_path / "data")
+  cfg = data_prep.get_config("sample")
+  for stage in ("ingest", "persona"):
+    pipeline.run_stage(stage, cfg, local_data)
+  fileio.upload_tree(local_data, "gs://b/data")
+  its = items_lib.load_items("gs://b/data", max_items=5).items
+  assert len(its) == 5
+  schema.write_jsonl("gs://b/answers.jsonl",
+                     [{"item_id": it.item_id, "text": f"B-ANSWER {k}"}
+                      for k, it in enumerate(its)])
+
+  def prefers_b(body):
+    prompt = body["messages"][0]["content"]
+    shown_first = prompt.split("<response_a>")[1].split("</response_a>")[0]
+    choice = "A" if "B-ANSWER" in shown_first else "B"
+    return json.dumps({"overall": choice, "personalization": choice,
+                       "instruction_following": choice})
+
+  ecfg = eval_config.get_config("b=answers,max_items=5")
+  ecfg.data.dir = "gs://b/data"
+  ecfg.systems.b.path = "gs://b/answers.jsonl"
+  ecfg.n_boot = 50
+  c = ecfg.judge.client
+  with OpenAIServer(prefers_b) as server:
+    c.base_url, c.model, c.timeout_s, c.max_retries = server.base_url, "judge", 10.0, 1
+    c.backoff_base_s = c.backoff_max_s = 0.01
+    report = usereval.run_usereval(ecfg, "gs://b/eval")
+    assert server.counters()["requests"] == 2 * 5
+    assert report["win_rates"]["overall"]["all"]["win_rate"] == 1.0
+    assert report["systems"]["b"]["path"] == "gs://b/answers.jsonl"
+    assert report["systems"]["b"]["label"] == "answers b/answers.jsonl"
+    files = _remote_files(gcs, "/b/eval/")
+    assert {report_lib.MD_FILE, report_lib.JSON_FILE, report_lib.PNG_FILE,
+            usereval.ITEMS_FILE, usereval.GENERATIONS_FILE, usereval.JUDGEMENTS_FILE,
+            usereval.REJECTS_FILE, usereval.CACHE_FILE} <= set(files), files
+    assert gcs["/b/eval/" + report_lib.PNG_FILE].getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    with fileio.open("gs://b/eval/" + report_lib.JSON_FILE) as f:
+      assert json.load(f)["win_rates"] == report["win_rates"]
+    with fileio.open("gs://b/eval/" + report_lib.MD_FILE) as f:
+      assert "Win rate of **B over A**" in f.read()
+
+    # Resumable from the bucket alone (no local copy of the judge's cache): a re-run
+    # asks the judge nothing.
+    cache_dir = os.path.dirname(pipeline.local_llm_cache("gs://b/eval"))
+    assert cache_dir.startswith(str(tmp_path / "local_cache"))
+    for name in os.listdir(cache_dir):
+      os.remove(os.path.join(cache_dir, name))
+    server.clear()
+    again = usereval.run_usereval(ecfg, "gs://b/eval")
+    assert server.counters()["requests"] == 0
+    assert again["requests"]["cached"] == 2 * 5
+    assert again["generation"]["systems"]["b"]["reused"] == 5
+  assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_generated_answers_are_appended_to_a_gcs_file(gcs):
+  # pylint: disable=g-import-not-at-top
+  import types
+  from rlhi.eval import items as items_lib
+  from rlhi.eval import systems
+  # pylint: enable=g-import-not-at-top
+
+  class FakeGenerator:
+    config = types.SimpleNamespace(max_position_embeddings=1 << 20)
+    fmt = types.SimpleNamespace(
+        encode=lambda messages: types.SimpleNamespace(prompt_ids=[1, 2, 3]))
+    calls = 0
+
+    def generate(self, conversations, **unused_kwargs):
+      FakeGenerator.calls += 1
+      # After the first chunk, the bucket already holds its answers.
+      n_lines = fileio.read_bytes(out).count(b"\n") if fileio.exists(out) else 0
+      assert n_lines == 1 + 4 * (FakeGenerator.calls - 1)
+      return [types.SimpleNamespace(text=f"answer {len(c)}", prompt_tokens=3,
+                                    completion_tokens=2, finished=True)
+              for c in conversations]
+
+  fileio.write_bytes("gs://b/ckpt/model.safetensors", b"weights")
+  system = systems.System(key="b", kind="checkpoint", path="gs://b/ckpt")
+  gen = systems.GenerationSettings(batch_size=1)
+  fp = systems.fingerprint(system, gen)
+  fileio.write_bytes("gs://b/ckpt/model.safetensors", b"other weights")
+  assert systems.fingerprint(system, gen) != fp  # the weights' size is in it
+
+  out = "gs://b/eval/generations.jsonl"
+  fileio.write_bytes(out, b'{"earlier": "line"}\n')  # what a crashed run left
+  items = [items_lib.EvalItem(
+      item_id=f"i{k}", user_id="u", conversation_hash="h", message_index=0,
+      turn_type="initial", context=(schema.Message("user", "hi"),), original=None,
+      persona=None) for k in range(6)]
+  answerer = systems.Answerer(gen)
+  # pylint: disable-next=protected-access
+  answerer._generators[("gs://b/ckpt", "")] = FakeGenerator()
+  answers, _ = answerer.answer(system, items, append_to=out)
+  assert FakeGenerator.calls == 2  # chunks of 4 answers
+  assert len(answers) == 6
+  records, rejects = systems.read_records(out)
+  assert not rejects and len(records) == 7 and records[0] == {"earlier": "line"}
+  assert [r["item_id"] for r in records[1:]] == [f"i{k}" for k in range(6)]

@@ -146,18 +146,19 @@ def _read(workdir: str, name: str, cls, stage: str):
   return schema.read_jsonl(path, cls)
 
 
-def make_client(client_cfg, workdir: str) -> client_lib.InferenceClient:
-  """The client of `client_cfg` behind the request cache `<workdir>/llm_cache.sqlite`.
+def make_client(client_cfg, workdir: str, cache_name: str = LLM_CACHE
+                ) -> client_lib.InferenceClient:
+  """The client of `client_cfg` behind the request cache `<workdir>/<cache_name>`.
 
   SQLite needs a local file. With a remote workdir the cache is a local copy
   (`local_llm_cache`) into which the workdir's cache is merged now, and which goes back
   to the workdir when the client closes; a run killed before that keeps its answers in
   the local copy, and the next run on this machine merges them in again.
   """
-  cache = os.path.join(workdir, LLM_CACHE)
+  cache = os.path.join(workdir, cache_name)
   if not fileio.is_remote(cache):
     return client_lib.make_client(client_cfg, cache_path=cache)
-  local = local_llm_cache(workdir)
+  local = local_llm_cache(workdir, cache_name)
   _merge_sqlite(cache, local)
   client = client_lib.make_client(client_cfg, cache_path=local)
   close = client.close
@@ -171,7 +172,7 @@ def make_client(client_cfg, workdir: str) -> client_lib.InferenceClient:
   return client
 
 
-def local_llm_cache(workdir: str) -> str:
+def local_llm_cache(workdir: str, cache_name: str = LLM_CACHE) -> str:
   """Where the local copy of a remote workdir's request cache lives (one per workdir).
 
   Under $RLHI_CACHE_DIR, default ~/.cache/rlhi: it outlives the process, so that the
@@ -180,7 +181,7 @@ def local_llm_cache(workdir: str) -> str:
   root = os.environ.get("RLHI_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "rlhi")
   key = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
-  return os.path.join(root, "llm_cache", key, LLM_CACHE)
+  return os.path.join(root, "llm_cache", key, cache_name)
 
 
 def _merge_sqlite(remote: str, local: str) -> None:

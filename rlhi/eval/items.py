@@ -23,6 +23,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from rlhi import fileio
 from rlhi.data import pipeline
 from rlhi.data import schema
 
@@ -69,7 +70,7 @@ def load_items(data_dir: str, *, max_items: int = 0, max_turns_per_user: int = 0
   paths = {name: os.path.join(data_dir, name) for name in
            (pipeline.CONVERSATIONS, pipeline.USERS, pipeline.PERSONAS)}
   for name, path in paths.items():
-    if not os.path.exists(path):
+    if not fileio.exists(path):
       raise FileNotFoundError(f"{path} not found: config.data.dir must be a data-prep "
                               f"workdir (python -m experiments.prepare_data ... --stage "
                               f"all) holding {name}")

@@ -27,6 +27,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rlhi import fileio
 from rlhi.data import client as client_lib
 from rlhi.data import prompting
 from rlhi.eval import items as items_lib
@@ -187,7 +188,7 @@ class RewardModelJudge:
       raise ValueError("judge.kind='reward_model' needs config.judge.reward_model.path: "
                        "a directory written by rlhi.models.reward_io.save (e.g. "
                        "<train_reward workdir>/reward_model)")
-    self.path = os.path.abspath(path)
+    self.path = path if fileio.is_remote(path) else os.path.abspath(path)
     meta = reward_io.load_metadata(path)
     self.system_template = system_template or meta["system_template"]
     self.persona = persona

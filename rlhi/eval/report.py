@@ -10,6 +10,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from rlhi import fileio
 from rlhi.data import pipeline
 from rlhi.eval import stats
 
@@ -140,15 +141,18 @@ def plot(report: Mapping[str, Any], path: str) -> None:
             ncol=len(stats.GROUPS), frameon=False)
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  try:
+    with fileio.local_output(path) as local:  # remote: drawn here, then uploaded
+      fig.savefig(local, dpi=110)
+  finally:
+    plt.close(fig)
 
 
 def write(workdir: str, report: Mapping[str, Any]) -> str:
   """Writes usereval.{json,md,png}; returns the markdown."""
   pipeline.write_json(os.path.join(workdir, JSON_FILE), report)
   md = markdown(report)
-  with open(os.path.join(workdir, MD_FILE), "w", encoding="utf-8") as f:
+  with fileio.open(os.path.join(workdir, MD_FILE), "w") as f:
     f.write(md)
   plot(report, os.path.join(workdir, PNG_FILE))
   return md

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from rlhi import fileio
 from rlhi.data import pipeline
 
 REPORT_NAME = "reward_eval"  # -> reward_eval_report.{json,md}
@@ -72,7 +73,7 @@ def evaluate_reward_model(path: str, data_dir: str, *,
   with sharding.use_mesh(mesh):
     for split in splits:
       file = os.path.join(data_dir, pipeline.PAIRS.format(split=split))
-      if not os.path.exists(file):
+      if not fileio.exists(file):
         raise FileNotFoundError(f"{file} not found: config.reward_eval.splits names "
                                 f"{split!r}, but the data-prep workdir {data_dir} has no "
                                 f"pairs for it (run the rewrites stage)")
@@ -90,7 +91,8 @@ def evaluate_reward_model(path: str, data_dir: str, *,
             bucket_lengths=bucket_lengths))
         metrics.update({f"{tag}/{k}": v for k, v in m.items()})
   return {"metrics": metrics, "inputs": input_stats,
-          "reward_model": os.path.abspath(path), "system_template": template,
+          "reward_model": path if fileio.is_remote(path) else os.path.abspath(path),
+          "system_template": template,
           "trained_with_persona": meta.get("with_persona")}
 
 
@@ -133,6 +135,6 @@ def run_reward_eval(cfg, workdir: str) -> dict[str, Any]:
       bucket_lengths=tuple(r.bucket_lengths), system_template=r.system_template,
       tokenizer=r.tokenizer, mesh_axes=dict(cfg.mesh))
   if sharding.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
     pipeline.write_report(workdir, REPORT_NAME, result, markdown(result, r.splits))
   return result

@@ -19,6 +19,9 @@ An answer record (usereval_generations.jsonl, one per system and item):
 times, tokenizer, persona and template, generation settings), so a re-run reuses the
 answers of the same system and generates only what is missing; generated answers are
 appended as each batch finishes, so a crashed run resumes where it stopped.
+
+Paths (checkpoints, answers files, the file appended to) may be local or remote
+(gs://...; see rlhi.fileio).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from etils import epath
+
+from rlhi import fileio
 from rlhi.data import schema
 from rlhi.eval import items as items_lib
 
@@ -90,10 +96,11 @@ class System:
       what = ("an HF checkpoint directory (e.g. <train_dpo workdir>/hf)"
               if system.kind == "checkpoint" else "a JSONL file of {item_id, text}")
       raise ValueError(f"{where}.path is empty; kind={system.kind!r} needs {what}")
-    if system.kind == "checkpoint" and not os.path.isdir(system.path):
+    if system.kind == "checkpoint" and not fileio.isdir(system.path):
       raise FileNotFoundError(f"{where}.path: {system.path} is not a directory (expected "
                               f"an HF checkpoint directory with config.json)")
-    if system.kind == "answers" and not os.path.isfile(system.path):
+    if system.kind == "answers" and (not fileio.exists(system.path)
+                                     or fileio.isdir(system.path)):
       raise FileNotFoundError(f"{where}.path: {system.path} not found (expected a JSONL "
                               f"file of {{\"item_id\", \"text\"}} lines)")
     if system.persona and system.kind != "checkpoint":
@@ -107,30 +114,45 @@ class System:
       return self.name
     if self.kind == "original":
       return "original (WildChat answer)"
-    short = "/".join(pathlib.Path(os.path.abspath(self.path)).parts[-2:])
+    short = "/".join(pathlib.PurePosixPath(_absolute(self.path)).parts[-2:])
     if self.kind == "answers":
       return f"answers {short}"
     return short + (" + persona" if self.persona else "")
 
   def describe(self) -> dict[str, Any]:
     return {"label": self.label, "kind": self.kind,
-            "path": os.path.abspath(self.path) if self.path else "",
+            "path": _absolute(self.path) if self.path else "",
             "persona": self.persona, "tokenizer": self.tokenizer}
+
+
+def _absolute(path: str) -> str:
+  """os.path.abspath for a local path; a remote one (gs://...) as it is."""
+  return path if fileio.is_remote(path) else os.path.abspath(path)
+
+
+def _weights(path: str) -> list[tuple[str, int, int]]:
+  """(name, size, modification time) of each *.safetensors file in `path`."""
+  if not fileio.is_remote(path):
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(pathlib.Path(path).glob("*.safetensors"))]
+  out = []
+  for p in sorted(epath.Path(path).glob("*.safetensors")):
+    st = p.stat()
+    out.append((p.name, st.length, st.mtime))
+  return out
 
 
 def fingerprint(system: System, gen: GenerationSettings) -> str:
   ident: dict[str, Any] = {"kind": system.kind}
   if system.kind == "checkpoint":
-    path = pathlib.Path(os.path.abspath(system.path))
+    path = _absolute(system.path)
     ident.update(
-        path=str(path), tokenizer=system.tokenizer, persona=system.persona,
-        weights=[(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in sorted(path.glob("*.safetensors"))],
+        path=path, tokenizer=system.tokenizer, persona=system.persona,
+        weights=_weights(path),
         template=gen.system_template if system.persona else "",
         generation=dataclasses.asdict(dataclasses.replace(gen, system_template="")))
   elif system.kind == "answers":
-    with open(system.path, "rb") as f:
-      ident["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    ident["sha256"] = hashlib.sha256(fileio.read_bytes(system.path)).hexdigest()
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,7 +168,7 @@ def _record(system: System, fp: str, item_id: str, text: str | None,
 def read_records(path: str) -> tuple[list[dict[str, Any]], list[schema.Reject]]:
   """The records of a JSONL file; lines that are not JSON objects become rejects."""
   records, rejects = [], []
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return records, rejects
   for line, obj, reject in schema.iter_json_lines(path):
     if reject is not None:
@@ -188,9 +210,10 @@ class Answerer:
     self.gen = gen
     self.mesh_axes = dict(mesh_axes or {"fsdp": -1})
     self._generators: dict[tuple[str, str], Any] = {}
+    self._remote_appends: dict[str, bytes] = {}  # remote path -> its whole content
 
   def _generator(self, system: System):
-    key = (os.path.abspath(system.path), system.tokenizer)
+    key = (_absolute(system.path), system.tokenizer)
     if key not in self._generators:
       from rlhi import generate  # pylint: disable=g-import-not-at-top  (jax: lazily)
       self._generators[key] = generate.ChatGenerator(
@@ -260,7 +283,23 @@ class Answerer:
                      completion_tokens=g.completion_tokens, finished=g.finished)
              for (it, _), g in zip(part, gens)]
       if append_to:
-        with open(append_to, "a", encoding="utf-8") as f:
-          f.writelines(schema.dumps(r) + "\n" for r in new)
+        self._append(append_to, "".join(schema.dumps(r) + "\n" for r in new))
       out.extend(new)
     return out
+
+  def _append(self, path: str, text: str) -> None:
+    """Appends `text` to the file `path`.
+
+    An object store cannot append: the file's content is kept here (read once, at the
+    first append) and uploaded whole after each append, so a crashed run still resumes
+    from what was uploaded.
+    """
+    if not fileio.is_remote(path):
+      with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+      return
+    if path not in self._remote_appends:
+      self._remote_appends[path] = (fileio.read_bytes(path) if fileio.exists(path)
+                                    else b"")
+    self._remote_appends[path] += text.encode("utf-8")
+    fileio.write_bytes(path, self._remote_appends[path])

@@ -22,6 +22,11 @@ reuses answers and cached judge calls):
   usereval_cache.sqlite        the LLM judge's request cache
   usereval.{md,json,png}       the report
 
+`workdir` and config.data.dir may be local or remote (gs://bucket/dir; see rlhi.fileio).
+With a remote workdir the judge's SQLite cache is a local copy, merged with the
+workdir's and uploaded back when the judge is done, as the data stages' request cache
+is (rlhi.data.pipeline.make_client).
+
 Multi-host: every process answers (the models are sharded over all devices) and runs
 the reward-model judge; only process 0 asks the LLM judge and writes files; other
 processes return {}.
@@ -34,7 +39,7 @@ import dataclasses
 import os
 from typing import Any
 
-from rlhi.data import client as client_lib
+from rlhi import fileio
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.eval import items as items_lib
@@ -83,7 +88,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
                      f"{cfg.judge.kind!r}")
   main, n_proc = _processes()
   if main:
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
   path = lambda name: os.path.join(workdir, name)
 
   # ---- Items -------------------------------------------------------------------------
@@ -139,7 +144,8 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
     if not main:
       return {}
     dimensions = tuple(cfg.judge.dimensions)
-    with client_lib.make_client(cfg.judge.client, cache_path=path(CACHE_FILE)) as client:
+    with pipeline.make_client(cfg.judge.client, workdir,
+                              cache_name=CACHE_FILE) as client:
       judgements = judges.judge_llm(
           client, pairs, dimensions=dimensions, max_tokens=cfg.judge.max_tokens,
           temperature=cfg.judge.temperature,
