@@ -63,14 +63,10 @@ def main(argv):
 
   def evaluate(params, step):
     del step
-    out = {}
-    for (split, persona), examples in evals.items():
-      m = objectives.with_reward_std(loop.evaluate_examples(
-          eval_step, params, examples, batch_size=cfg.batch_size,
-          pad_id=fmt.pad_id, bucket_lengths=cfg.data.bucket_lengths))
-      tag = f"{split}_{'persona' if persona else 'no_persona'}"
-      out.update({f"{tag}/{k}": v for k, v in m.items()})
-    return out
+    return loop.evaluate_held_out(eval_step, params, evals, batch_size=cfg.batch_size,
+                                  pad_id=fmt.pad_id,
+                                  bucket_lengths=cfg.data.bucket_lengths,
+                                  post=objectives.with_reward_std)
 
   result = loop.train(cfg, workdir, loop.Task(
       name="reward", loss_fn=loss_fn, abstract_params=reward.abstract_params(mconfig),
@@ -95,7 +91,7 @@ def write_report(workdir, cfg, final, n_train):
   for split in cfg.eval_splits:
     for p in ("persona", "no_persona"):
       tag = f"{split}_{p}"
-      if f"{tag}/count" in final:
+      if final.get(f"{tag}/count"):
         rows.append(f"| {split} | {p.replace('_', ' ')} | {int(final[f'{tag}/count'])} | "
                     f"{final[f'{tag}/accuracy']:.3f} | {final[f'{tag}/margin']:.3f} | "
                     f"{final[f'{tag}/loss']:.4f} |")

@@ -68,28 +68,23 @@ def evaluate_reward_model(path: str, data_dir: str, *,
   config, params = reward_io.load(path, mesh)
   eval_step = jax.jit(step_lib.make_eval_step(objectives.reward_loss(config)))
 
-  metrics: dict[str, float] = {}
   input_stats: dict[str, Any] = {}
+  sets = {}
+  for split in splits:
+    file = os.path.join(data_dir, pipeline.PAIRS.format(split=split))
+    if not fileio.exists(file):
+      raise FileNotFoundError(f"{file} not found: config.reward_eval.splits names "
+                              f"{split!r}, but the data-prep workdir {data_dir} has no "
+                              f"pairs for it (run the rewrites stage)")
+    for persona in (True, False):
+      sets[(split, persona)], st = inputs.pairs_source(
+          file, fmt, with_persona=persona, max_length=max_length,
+          max_response_length=max_response_length)
+      input_stats[loop.persona_tag(split, persona)] = st.to_dict()
   with sharding.use_mesh(mesh):
-    for split in splits:
-      file = os.path.join(data_dir, pipeline.PAIRS.format(split=split))
-      if not fileio.exists(file):
-        raise FileNotFoundError(f"{file} not found: config.reward_eval.splits names "
-                                f"{split!r}, but the data-prep workdir {data_dir} has no "
-                                f"pairs for it (run the rewrites stage)")
-      for persona in (True, False):
-        tag = f"{split}_{'persona' if persona else 'no_persona'}"
-        examples, st = inputs.pairs_source(file, fmt, with_persona=persona,
-                                           max_length=max_length,
-                                           max_response_length=max_response_length)
-        input_stats[tag] = st.to_dict()
-        if not len(examples):  # pylint: disable=g-explicit-length-test  (a Dataset)
-          metrics[f"{tag}/count"] = 0.0
-          continue
-        m = objectives.with_reward_std(loop.evaluate_examples(
-            eval_step, params, examples, batch_size=batch_size, pad_id=fmt.pad_id,
-            bucket_lengths=bucket_lengths))
-        metrics.update({f"{tag}/{k}": v for k, v in m.items()})
+    metrics = loop.evaluate_held_out(eval_step, params, sets, batch_size=batch_size,
+                                     pad_id=fmt.pad_id, bucket_lengths=bucket_lengths,
+                                     post=objectives.with_reward_std)
   return {"metrics": metrics, "inputs": input_stats,
           "reward_model": path if fileio.is_remote(path) else os.path.abspath(path),
           "system_template": template,

@@ -97,7 +97,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
                  result.path, "reused" if result.reused else "computed")
     train_examples = result.examples
     evals = {k: reference.cached(ref_params, ref_config, v, **cache_args).examples
-             for k, v in evals.items() if v}
+             if len(v) else v for k, v in evals.items()}
     del ref_params  # only the cached numbers are needed from here on
 
   # ---- Loss and evaluators -----------------------------------------------------------
@@ -107,16 +107,9 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
 
   def evaluate(params, step):
     del step
-    out = {}
-    for (split, persona), examples in evals.items():
-      if not examples:
-        continue
-      m = loop.evaluate_examples(eval_step, params, examples, batch_size=cfg.batch_size,
-                                 pad_id=fmt.pad_id, bucket_lengths=cfg.data.bucket_lengths,
-                                 frozen=frozen)
-      tag = f"{split}_{'persona' if persona else 'no_persona'}"
-      out.update({f"{tag}/{k}": v for k, v in m.items()})
-    return out
+    return loop.evaluate_held_out(eval_step, params, evals, batch_size=cfg.batch_size,
+                                  pad_id=fmt.pad_id,
+                                  bucket_lengths=cfg.data.bucket_lengths, frozen=frozen)
 
   result = loop.train(cfg, workdir, loop.Task(
       name="dpo", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
@@ -139,7 +132,7 @@ def write_report(workdir, cfg, final, n_train):
   for split in cfg.eval_splits:
     for p in ("persona", "no_persona"):
       tag = f"{split}_{p}"
-      if f"{tag}/count" in final:
+      if final.get(f"{tag}/count"):
         g = lambda k, tag=tag: final[f"{tag}/{k}"]
         rows.append(f"| {split} | {p.replace('_', ' ')} | {int(g('count'))} | "
                     f"{g('rewards/accuracies'):.3f} | {g('rewards/margins'):.4f} | "

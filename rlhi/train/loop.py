@@ -218,3 +218,29 @@ def evaluate_examples(eval_step: Callable, params: Any,
   out = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in totals.items()}
   out["count"] = float(totals["loss"][1])
   return out
+
+
+def persona_tag(split: str, with_persona: bool) -> str:
+  """'val_persona' / 'val_no_persona': the metric prefix of a held-out set."""
+  return f"{split}_{'persona' if with_persona else 'no_persona'}"
+
+
+def evaluate_held_out(eval_step: Callable, params: Any,
+                      sets: Mapping[tuple[str, bool], Sequence[Mapping[str, Any]]], *,
+                      batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
+                      frozen: Any = None,
+                      post: Callable[[dict[str, float]], dict[str, float]] | None = None
+                      ) -> dict[str, float]:
+  """`evaluate_examples` on held-out sets keyed (split, with_persona), as one dict
+  {'<split>_<persona|no_persona>/<metric>': value}; an empty set gets count 0 only.
+  `post` maps each set's metrics (e.g. objectives.with_reward_std)."""
+  out = {}
+  for (split, with_persona), examples in sets.items():
+    tag = persona_tag(split, with_persona)
+    if not len(examples):  # pylint: disable=g-explicit-length-test  (may be a Dataset)
+      out[f"{tag}/count"] = 0.0
+      continue
+    m = evaluate_examples(eval_step, params, examples, batch_size=batch_size,
+                          pad_id=pad_id, bucket_lengths=bucket_lengths, frozen=frozen)
+    out.update({f"{tag}/{k}": v for k, v in (post(m) if post else m).items()})
+  return out
