@@ -88,9 +88,9 @@ def _independent_logps(params, example):
   for side in ("chosen", "rejected"):
     seq = np.concatenate([example["prompt_ids"], example[f"{side}_ids"]])
     logits = llama.forward_logits(params, CONFIG, jnp.asarray(seq[None]))[0]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), -1), np.float64)
     # token t (t >= p) is predicted at position t - 1
-    out.append(float(sum(logp[t - 1, seq[t]] for t in range(p, len(seq)))))
+    out.append(float(logp[np.arange(p - 1, len(seq) - 1), seq[p:]].sum()))
   return out
 
 
@@ -334,6 +334,7 @@ def _run(cmd, devices=2):
   return p.stderr
 
 
+@pytest.mark.slow
 def test_train_dpo_entry_point_cache_reuse_and_live_mode(sample_examples, tmp_path):
   data_dir, _ = sample_examples
   cache = str(tmp_path / "cache")

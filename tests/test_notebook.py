@@ -11,6 +11,7 @@ import sys
 
 import nbclient
 import nbformat
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "rlhi_explore.ipynb")
@@ -36,6 +37,7 @@ def test_notebook_is_saved_without_outputs():
       assert not cell.outputs and cell.execution_count is None, f"cell {i} has outputs"
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
   for name in REUSE_VARS:
     monkeypatch.delenv(name, raising=False)
