@@ -8,7 +8,6 @@ invariance, the entry point (as a subprocess, one and two processes) and learnin
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import data_prep
 from rlhi import inputs
 from rlhi import sharding
 from rlhi.data import pipeline
@@ -41,11 +39,8 @@ def fmt():
 
 
 @pytest.fixture(scope="module")
-def sample_examples(fmt, tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("data"))
-  cfg = data_prep.get_config("sample")
-  for stage in pipeline.STAGES:
-    pipeline.run_stage(stage, cfg, d)
+def sample_examples(fmt, data_dir):
+  d = data_dir
   examples, _ = inputs.pairs_source(os.path.join(d, pipeline.PAIRS.format(split="train")),
                                     fmt, with_persona=True, max_length=512,
                                     max_response_length=256)
@@ -315,13 +310,9 @@ def test_dpo_learns_a_systematic_preference(fmt):
 
 
 def _dpo_cmd(data_dir, workdir, steps, extra=()):
-  return [sys.executable, "-m", "experiments.train_dpo",
-          f"--config=configs/dpo.py:rewrites,steps={steps}", f"--workdir={workdir}",
-          f"--config.data.dir={data_dir}", f"--config.model.overrides={tt.SMALL}",
-          "--config.data.max_length=256", "--config.data.max_response_length=64",
-          "--config.data.bucket_lengths=(512,)", "--config.batch_size=8",
-          "--config.checkpoint.every=2", "--config.log_every=1", "--config.eval_every=0",
-          "--config.optimizer.lr=1e-3", *extra]
+  return tt.experiment_cmd("train_dpo", f"configs/dpo.py:rewrites,steps={steps}",
+                           data_dir, workdir, ["--config.optimizer.lr=1e-3", *extra],
+                           bucket=512)
 
 
 def _train_metrics(workdir):

@@ -19,10 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import data_prep
 from configs import eval as eval_config
 from rlhi import sharding
-from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.eval import items as items_lib
 from rlhi.eval import judges
@@ -48,13 +46,6 @@ B_MARK = "SYSTEM-B-ANSWER"
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("data"))
-  cfg = data_prep.get_config("sample")
-  for stage in pipeline.STAGES:
-    pipeline.run_stage(stage, cfg, d)
-  return d
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import data_prep
 from configs import reward_model
 from configs import sft
 from rlhi import sweep as hyper
-from rlhi.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ("hidden_size=64,intermediate_size=128,num_layers=2,num_heads=2,num_kv_heads=1,"
@@ -319,13 +317,6 @@ def test_sigterm_passes_to_the_run_and_marks_it_interrupted(fake):
 # ---- One real sweep ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("data")
-  cfg = data_prep.get_config("sample")
-  for stage in pipeline.STAGES:
-    pipeline.run_stage(stage, cfg, str(d))
-  return str(d)
 
 
 def test_real_sweep_of_two_sft_runs(tmp_path, data_dir):

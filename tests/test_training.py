@@ -20,9 +20,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import data_prep
 from rlhi import sharding
-from rlhi.data import pipeline
 from rlhi.models import llama
 from rlhi.models import reward
 from rlhi.models import tokenizer as tok_lib
@@ -33,23 +31,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = "hidden_size=64,intermediate_size=128,num_layers=2,num_heads=2,num_kv_heads=1,head_dim=32"
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("data")
-  cfg = data_prep.get_config("sample")
-  for stage in pipeline.STAGES:
-    pipeline.run_stage(stage, cfg, str(d))
-  return str(d)
+
+
+def experiment_cmd(module, config, data_dir, workdir, extra=(), bucket=256):
+  """`python -m experiments.<module>` on the SMALL model, short sequences, 8 per batch,
+  a checkpoint every 2 steps, metrics every step and no periodic eval."""
+  return [sys.executable, "-m", f"experiments.{module}", f"--config={config}",
+          f"--workdir={workdir}", f"--config.data.dir={data_dir}",
+          f"--config.model.overrides={SMALL}", "--config.data.max_length=256",
+          "--config.data.max_response_length=64",
+          f"--config.data.bucket_lengths=({bucket},)", "--config.batch_size=8",
+          "--config.checkpoint.every=2", "--config.log_every=1",
+          "--config.eval_every=0", *extra]
 
 
 def _reward_cmd(data_dir, workdir, steps, extra=()):
-  return [sys.executable, "-m", "experiments.train_reward",
-          f"--config=configs/reward_model.py:steps={steps}", f"--workdir={workdir}",
-          f"--config.data.dir={data_dir}", f"--config.model.overrides={SMALL}",
-          "--config.data.max_length=256", "--config.data.max_response_length=64",
-          "--config.data.bucket_lengths=(256,)", "--config.batch_size=8",
-          "--config.checkpoint.every=2", "--config.log_every=1",
-          "--config.eval_every=0", *extra]
+  return experiment_cmd("train_reward", f"configs/reward_model.py:steps={steps}",
+                        data_dir, workdir, extra)
 
 
 def _env(devices, **extra):

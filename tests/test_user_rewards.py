@@ -10,12 +10,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 
-from configs import data_prep
 from configs import dpo as dpo_config
 from rlhi.data import pipeline
 from rlhi.data import schema
@@ -32,12 +30,9 @@ import test_training as tt
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("ubr")
-  data = str(root / "data")
-  cfg = data_prep.get_config("sample")
-  for stage in pipeline.STAGES:
-    pipeline.run_stage(stage, cfg, data)
+  data = data_dir
   config = llama.get_config("tiny", **model_init.parse_overrides(tt.SMALL))
   tok = tok_lib.load_tokenizer("bundled")
   policy = str(root / "policy")
