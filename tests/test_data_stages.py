@@ -261,3 +261,51 @@ def test_users_with_little_history_get_no_persona(reference_run):
   short = sum(len(u.history) < 2 for u in users)
   assert short >= 1
   assert reports["persona"]["rejected"] == {"too_little_history": short}
+
+
+def test_regenerated_rejected_answers_come_from_the_policy_client(reference_run,
+                                                                   tmp_path):
+  """rewrites.rejected='regenerate': the base policy (here a loopback server) answers
+  each prompt without the persona; its answer is the rejected side, an empty one is
+  counted as a reject, and the chosen rewrites are those of the reference run."""
+  ref_dir, _ = reference_run
+  ref_pairs = {p.pair_id: p for s in schema.SPLITS for p in schema.read_jsonl(
+      ref_dir / f"pairs_rewrites.{s}.jsonl", schema.PreferencePair)}
+  doomed = min(ref_pairs.values(), key=lambda p: p.pair_id)
+  doomed_request = doomed.prompt[-1].content
+
+  def policy(body):
+    assert body["temperature"] == 0.7 and body["messages"][-1]["role"] == "user"
+    assert not any(m["role"] == "system" for m in body["messages"])  # no persona
+    last = body["messages"][-1]["content"]
+    if last == doomed_request:
+      return ""
+    return f"Base policy answer number {len(last)} to the last request."
+
+  cfg = _cfg()
+  _run(cfg, tmp_path, ("ingest", "classify", "persona"))
+  cfg.rewrites.rejected = "regenerate"
+  with OpenAIServer(policy) as server:
+    cfg.policy_client.backend = "openai"
+    cfg.policy_client.base_url = server.base_url
+    cfg.policy_client.model = "base-policy"
+    cfg.policy_client.api_key_env = ""
+    report = pipeline.run_stage("rewrites", cfg, str(tmp_path))
+    asked = len(server.requests())
+  got = {p.pair_id: p for s in schema.SPLITS for p in schema.read_jsonl(
+      tmp_path / f"pairs_rewrites.{s}.jsonl", schema.PreferencePair)}
+  assert asked == report["actionable_targets"]  # one regeneration per rewrite
+  assert report["rejected_answer"] == "regenerate"
+  assert report["rejected"].get("regeneration_failed") == 1
+  rejects = schema.read_jsonl(tmp_path / "rewrites_rejects.jsonl", schema.Reject)
+  assert [r.detail for r in rejects if r.reason == "regeneration_failed"] == [
+      "regeneration failed: empty answer"]
+  assert doomed.pair_id not in got
+  # Every reference pair but the doomed one is kept (a rewrite can only get further
+  # from a different rejected answer), with the same chosen side and prompt.
+  assert set(ref_pairs) - {doomed.pair_id} <= set(got)
+  for pid, p in got.items():
+    assert p.rejected == (f"Base policy answer number {len(p.prompt[-1].content)} to "
+                          "the last request.")
+    if pid in ref_pairs:
+      assert (p.chosen, p.prompt) == (ref_pairs[pid].chosen, ref_pairs[pid].prompt)
