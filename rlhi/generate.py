@@ -76,7 +76,9 @@ class ChatGenerator:
             stop_token_ids=self.fmt.stop_ids,
             max_new_per_row=np.full(len(rows), max_new_tokens, np.int32),
             pad_id=self.fmt.pad_id)
-      res = jax.device_get(res)
+      # The rows are sharded over the mesh, across hosts on a pod slice: every
+      # process takes part in the gather and gets every reply.
+      res = sharding.to_host(res)
       for i, prompt in enumerate(chunk):
         n = int(res.lengths[i])
         ids = [int(t) for t in res.tokens[i, :n]]

@@ -25,6 +25,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -198,6 +199,20 @@ def initialize_distributed() -> None:
   elif (os.environ.get("RLHI_DISTRIBUTED", "") in ("1", "true")
         or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1):
     jax.distributed.initialize()
+
+
+def to_host(x: Any) -> Any:
+  """Every array of `x` (a pytree) whole on this host, as numpy.
+
+  An array that spans several processes (a batch sharded over hosts, FSDP-sharded
+  params) is gathered collectively, so every process must call this with the same
+  arrays; a fully addressable one is a plain device_get.
+  """
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+  return jax.tree.map(one, x)
 
 
 def is_main_process() -> bool:

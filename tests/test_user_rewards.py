@@ -8,6 +8,8 @@ result when interrupted in the middle of its DPO steps and resumed.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -131,3 +133,56 @@ def test_a_resumed_round_equals_an_uninterrupted_one(setup, tmp_path, monkeypatc
   a, b = _hf_params(want["policy_after"]), _hf_params(got["policy_after"])
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _round_cmd(data, policy, rm, workdir):
+  """experiments/user_rewards.py with _config's settings, as flags (2 DPO steps)."""
+  return [sys.executable, "-m", "experiments.user_rewards",
+          "--config=configs/dpo.py:user_rewards,rounds=1,steps=2",
+          f"--workdir={workdir}", f"--config.data.dir={data}",
+          f"--config.model.init={policy}", f"--config.model.overrides={tt.SMALL}",
+          "--config.data.max_length=512", "--config.data.max_response_length=256",
+          "--config.data.bucket_lengths=(512,)", "--config.batch_size=4",
+          "--config.checkpoint.every=2", "--config.log_every=1",
+          "--config.optimizer.lr=1e-3", "--config.eval_splits=('val',)",
+          f"--config.user_rewards.reward_model={rm}",
+          "--config.user_rewards.prompts_per_round=8",
+          "--config.user_rewards.max_new_tokens=16",
+          "--config.user_rewards.generation_batch_size=16"]
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "round_00", "prompts_and_candidates.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_sample_score_and_train_as_one(setup, tmp_path):
+  """The round as the TPU launch runs it, on 2 processes x 1 device (jax.distributed
+  on 127.0.0.1), against 1 process x 2 devices: the same candidates, scores, pairs and
+  updated policy; process 1 writes nothing of its own."""
+  data, policy, rm = setup
+  one = str(tmp_path / "one")
+  subprocess.run(_round_cmd(data, policy, rm, one), cwd=tt.REPO, env=tt._env(2),
+                 check=True, capture_output=True)
+  two = str(tmp_path / "two")
+  port = tt._free_port()
+  procs = [subprocess.Popen(
+      _round_cmd(data, policy, rm, two), cwd=tt.REPO,
+      env=tt._env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                  JAX_PROCESS_ID=i),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=420)
+    assert p.returncode == 0, err.decode()[-3000:]
+  r1, r2 = _records(one), _records(two)
+  assert len(r1) == len(r2) == 8  # written once, by process 0
+  for a, b in zip(r1, r2):
+    assert a["candidates"] == b["candidates"]
+    np.testing.assert_allclose(a["scores"], b["scores"], rtol=1e-5, atol=1e-5)
+  s1, s2 = (json.load(open(os.path.join(w, "round_00", "round.json")))
+            for w in (one, two))
+  assert s1["pairs"] == s2["pairs"] >= 1
+  a, b = _hf_params(s1["policy_after"]), _hf_params(s2["policy_after"])
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)

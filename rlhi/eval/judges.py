@@ -216,7 +216,6 @@ class RewardModelJudge:
     from rlhi import inputs  # pylint: disable=g-import-not-at-top
     from rlhi import sharding  # pylint: disable=g-import-not-at-top
     from rlhi.data import schema  # pylint: disable=g-import-not-at-top
-    from rlhi.models import reward_io  # pylint: disable=g-import-not-at-top
     out: list[tuple[float, float] | str] = [""] * len(pairs)
     examples, where = [], []
     for k, pair in enumerate(pairs):
@@ -247,8 +246,8 @@ class RewardModelJudge:
     with sharding.use_mesh(self.mesh):
       for host_batch in batches:
         batch = sharding.global_batch(host_batch, self.mesh)
-        scores.append(reward_io.to_host(self._score(self.params, batch)))
-        valid.append(reward_io.to_host(batch["valid"]))
+        scores.append(sharding.to_host(self._score(self.params, batch)))
+        valid.append(sharding.to_host(batch["valid"]))
     flat = np.concatenate(scores)[np.concatenate(valid).astype(bool)]
     if len(flat) != len(examples):
       raise RuntimeError(f"reward-model judge: {len(flat)} scores for {len(examples)} "

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import ml_dtypes
 import numpy as np
 import safetensors
@@ -590,12 +589,6 @@ def _slice_reader(tensor: Callable, names_kinds, layer_shape, stacked: bool,
 # ---------------------------------------------------------------------------
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
-  if not x.is_fully_addressable:  # Multi-host: a collective gather.
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
                     max_shard_size: int = 5 * 2**30,
                     dtype: str | None = None) -> None:
@@ -628,10 +621,10 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
       for i in range(config.num_layers):
         name, kind = _hf_name(rest, i)
         plan.append((name, kind, shape[1:],
-                     lambda leaf=leaf, i=i: _host_array(leaf[i])))
+                     lambda leaf=leaf, i=i: sharding_lib.to_host(leaf[i])))
     else:
       name, kind = _hf_name(rest, layer)
-      plan.append((name, kind, shape, lambda leaf=leaf: _host_array(leaf)))
+      plan.append((name, kind, shape, lambda leaf=leaf: sharding_lib.to_host(leaf)))
   order = {n: i for i, n in enumerate(hf_tensor_names(config))}
   plan.sort(key=lambda p: order[p[0]])
 

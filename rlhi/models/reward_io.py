@@ -33,7 +33,6 @@ import os
 from typing import Any
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import safetensors.numpy
 
@@ -51,13 +50,6 @@ FORMAT = "rlhi-reward-v1"
 HEAD_FILE = os.path.join("score", "head.safetensors")
 META_FILE = "reward_model.json"
 DEFAULT_SYSTEM_TEMPLATE = "About the user:\n{persona}"
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """The whole array on this host (a collective gather when it spans several)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def save(params: Params, config: llama.LlamaConfig, path: str, *, tokenizer: Any = None,
@@ -85,8 +77,8 @@ def save(params: Params, config: llama.LlamaConfig, path: str, *, tokenizer: Any
   # checkpoint, and the true flag goes to reward_model.json.
   tied = dataclasses.replace(config, tie_embeddings=True)
   hf_io.save_checkpoint(params["backbone"], tied, path)
-  head = {"score.kernel": to_host(params["score"]["kernel"]).astype(np.float32),
-          "score.bias": to_host(params["score"]["bias"]).astype(np.float32)}
+  head = {"score.kernel": sharding_lib.to_host(params["score"]["kernel"]).astype(np.float32),
+          "score.bias": sharding_lib.to_host(params["score"]["bias"]).astype(np.float32)}
   if jax.process_index() != 0:
     return
   fileio.makedirs(os.path.join(path, os.path.dirname(HEAD_FILE)))
