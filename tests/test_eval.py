@@ -568,6 +568,54 @@ def test_evaluate_cli_end_to_end(data_dir, checkpoint, reward_model, tmp_path):
       np.mean(chosen - rejected), rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.slow
+def test_evaluate_on_two_processes_equals_one(data_dir, checkpoint, reward_model,
+                                              tmp_path):
+  """experiments/evaluate.py as the TPU launch runs it, 2 processes x 1 device
+  (jax.distributed on 127.0.0.1), against 1 process x 2 devices: the same sampled
+  answers, reward-model verdicts, win rates and RM accuracy, each file written once."""
+  import test_training as tt  # pylint: disable=g-import-not-at-top
+  rm_path, *_ = reward_model
+
+  def cmd(workdir):
+    return [sys.executable, "-m", "experiments.evaluate",
+            f"--config=configs/eval.py:judge=reward_model,a=checkpoint,ckpt={checkpoint},"
+            f"rm={rm_path},max_items=6", f"--workdir={workdir}",
+            f"--config.data.dir={data_dir}", "--config.generation.max_new_tokens=16",
+            "--config.generation.temperature=0.7", "--config.n_boot=200",
+            "--config.judge.reward_model.max_length=4096",
+            "--config.judge.reward_model.bucket_lengths=(1024,4096)",
+            "--config.reward_eval.max_length=4096",
+            "--config.reward_eval.bucket_lengths=(1024,4096)"]
+
+  one, two = tmp_path / "one", tmp_path / "two"
+  subprocess.run(cmd(one), cwd=REPO, env=tt._env(2), check=True, capture_output=True)
+  port = tt._free_port()
+  procs = [subprocess.Popen(
+      cmd(two), cwd=REPO,
+      env=tt._env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+                  JAX_PROCESS_ID=i),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=420)
+    assert p.returncode == 0, err.decode()[-3000:]
+  g1, g2 = (_jsonl(w / usereval.GENERATIONS_FILE) for w in (one, two))
+  assert len(g1) == 2 * 6 and g1 == g2  # both systems' answers, once each
+  j1, j2 = (_jsonl(w / usereval.JUDGEMENTS_FILE) for w in (one, two))
+  assert len(j1) == len(j2) == 2 * 6
+  for a, b in zip(j1, j2):
+    assert a["winners"] == b["winners"]
+    for k in ("a", "b"):
+      assert a["scores"][k] == pytest.approx(b["scores"][k], rel=1e-5, abs=1e-5)
+  r1, r2 = (json.loads((w / "usereval.json").read_text()) for w in (one, two))
+  assert r1["win_rates"] == r2["win_rates"]
+  m1, m2 = (json.loads((w / "reward_eval_report.json").read_text())["metrics"]
+            for w in (one, two))
+  assert m1.keys() == m2.keys()
+  for k in m1:
+    assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-5), k
+
+
 def test_train_reward_exports_a_model_that_evaluates_as_in_training(data_dir, tmp_path):
   """train_reward's export, loaded by reward_io, reproduces training's own eval."""
   workdir = tmp_path / "rm"
