@@ -77,8 +77,8 @@ def save(params: Params, config: llama.LlamaConfig, path: str, *, tokenizer: Any
   # checkpoint, and the true flag goes to reward_model.json.
   tied = dataclasses.replace(config, tie_embeddings=True)
   hf_io.save_checkpoint(params["backbone"], tied, path)
-  head = {"score.kernel": sharding_lib.to_host(params["score"]["kernel"]).astype(np.float32),
-          "score.bias": sharding_lib.to_host(params["score"]["bias"]).astype(np.float32)}
+  head = {f"score.{k}": sharding_lib.to_host(params["score"][k]).astype(np.float32)
+          for k in ("kernel", "bias")}
   if jax.process_index() != 0:
     return
   fileio.makedirs(os.path.join(path, os.path.dirname(HEAD_FILE)))
