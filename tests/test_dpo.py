@@ -361,15 +361,7 @@ def test_train_dpo_two_processes_agree_and_only_process_0_writes(sample_examples
   one = str(tmp_path / "one")
   _run(_dpo_cmd(data_dir, one, 2))
   two = str(tmp_path / "two")
-  port = tt._free_port()
-  procs = [subprocess.Popen(
-      _dpo_cmd(data_dir, two, 2), cwd=REPO,
-      env=tt._env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-                  JAX_PROCESS_ID=i),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err.decode()[-3000:]
+  tt.run_on_two_processes(_dpo_cmd(data_dir, two, 2), timeout=300)
   m1, m2 = _train_metrics(one), _train_metrics(two)
   assert [m["step"] for m in m2] == [1, 2]  # one line per step: process 1 wrote none
   for a, b in zip(m1, m2):

@@ -590,15 +590,7 @@ def test_evaluate_on_two_processes_equals_one(data_dir, checkpoint, reward_model
 
   one, two = tmp_path / "one", tmp_path / "two"
   subprocess.run(cmd(one), cwd=REPO, env=tt._env(2), check=True, capture_output=True)
-  port = tt._free_port()
-  procs = [subprocess.Popen(
-      cmd(two), cwd=REPO,
-      env=tt._env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-                  JAX_PROCESS_ID=i),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=420)
-    assert p.returncode == 0, err.decode()[-3000:]
+  tt.run_on_two_processes(cmd(two), timeout=420)
   g1, g2 = (_jsonl(w / usereval.GENERATIONS_FILE) for w in (one, two))
   assert len(g1) == 2 * 6 and g1 == g2  # both systems' answers, once each
   j1, j2 = (_jsonl(w / usereval.JUDGEMENTS_FILE) for w in (one, two))

@@ -251,6 +251,20 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def run_on_two_processes(cmd, timeout=420):
+  """`cmd` as 2 processes x 1 CPU device joined by jax.distributed on 127.0.0.1 (as
+  tpu/launch.sh runs it on 2 workers); fails with a process's stderr if one fails."""
+  port = _free_port()
+  procs = [subprocess.Popen(
+      cmd, cwd=REPO,
+      env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
+               JAX_PROCESS_ID=i),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err.decode()[-3000:]
+
+
 @pytest.mark.slow
 def test_two_processes_agree_with_one(data_dir, tmp_path):
   steps = 2
@@ -258,15 +272,7 @@ def test_two_processes_agree_with_one(data_dir, tmp_path):
   subprocess.run(_reward_cmd(data_dir, one, steps), cwd=REPO, env=_env(2), check=True,
                  capture_output=True)
   two = str(tmp_path / "two")
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _reward_cmd(data_dir, two, steps), cwd=REPO,
-      env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-               JAX_PROCESS_ID=i),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err.decode()[-3000:]
+  run_on_two_processes(_reward_cmd(data_dir, two, steps), timeout=300)
   m1, m2 = _metrics(one), _metrics(two)
   assert [m["step"] for m in m1] == [m["step"] for m in m2]
   for a, b in zip(m1, m2):

@@ -166,15 +166,7 @@ def test_two_processes_sample_score_and_train_as_one(setup, tmp_path):
   subprocess.run(_round_cmd(data, policy, rm, one), cwd=tt.REPO, env=tt._env(2),
                  check=True, capture_output=True)
   two = str(tmp_path / "two")
-  port = tt._free_port()
-  procs = [subprocess.Popen(
-      _round_cmd(data, policy, rm, two), cwd=tt.REPO,
-      env=tt._env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=2,
-                  JAX_PROCESS_ID=i),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=420)
-    assert p.returncode == 0, err.decode()[-3000:]
+  tt.run_on_two_processes(_round_cmd(data, policy, rm, two), timeout=420)
   r1, r2 = _records(one), _records(two)
   assert len(r1) == len(r2) == 8  # written once, by process 0
   for a, b in zip(r1, r2):
