@@ -87,14 +87,8 @@ def main(argv):
 
 
 def write_report(workdir, cfg, final, n_train):
-  rows = []
-  for split in cfg.eval_splits:
-    for p in ("persona", "no_persona"):
-      tag = f"{split}_{p}"
-      if final.get(f"{tag}/count"):
-        rows.append(f"| {split} | {p.replace('_', ' ')} | {int(final[f'{tag}/count'])} | "
-                    f"{final[f'{tag}/accuracy']:.3f} | {final[f'{tag}/margin']:.3f} | "
-                    f"{final[f'{tag}/loss']:.4f} |")
+  rows = loop.held_out_rows(final, cfg.eval_splits,
+                           [("accuracy", ".3f"), ("margin", ".3f"), ("loss", ".4f")])
   md = "\n".join([
       "# Reward model evaluation", "",
       f"Model: {cfg.model.name} (init: {cfg.model.init or 'random'}); trained "

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from rlhi.train import checkpoint as ckpt_lib
+from rlhi.train import loop
 from rlhi.train import optimizer as opt_lib
 from rlhi.train import step as step_lib
 
@@ -137,7 +138,6 @@ def test_loop_stops_on_a_non_finite_step_and_saves_nothing_after_it(tmp_path):
   """The whole loop in process on a toy task whose loss turns NaN at step 3."""
   import flax.linen as nn
   import ml_collections
-  from rlhi.train import loop
 
   def loss_fn(params, batch, rng):
     del rng
@@ -163,3 +163,14 @@ def test_loop_stops_on_a_non_finite_step_and_saves_nothing_after_it(tmp_path):
     loop.train(cfg, str(tmp_path), task)
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [2]  # saved before the bad step (4); nothing from or after it
+
+
+def test_held_out_rows_list_the_sets_with_examples():
+  metrics = {"val_persona/count": 3.0, "val_persona/accuracy": 2 / 3,
+             "val_persona/loss": 0.51234, "val_no_persona/count": 0.0,
+             "test_no_persona/count": 4.0, "test_no_persona/accuracy": 0.25,
+             "test_no_persona/loss": 1.0}
+  rows = loop.held_out_rows(metrics, ("val", "test"),
+                            [("accuracy", ".3f"), ("loss", ".4f")])
+  assert rows == ["| val | persona | 3 | 0.667 | 0.5123 |",
+                  "| test | no persona | 4 | 0.250 | 1.0000 |"]

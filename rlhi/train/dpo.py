@@ -128,16 +128,10 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
 
 
 def write_report(workdir, cfg, final, n_train):
-  rows = []
-  for split in cfg.eval_splits:
-    for p in ("persona", "no_persona"):
-      tag = f"{split}_{p}"
-      if final.get(f"{tag}/count"):
-        g = lambda k, tag=tag: final[f"{tag}/{k}"]
-        rows.append(f"| {split} | {p.replace('_', ' ')} | {int(g('count'))} | "
-                    f"{g('rewards/accuracies'):.3f} | {g('rewards/margins'):.4f} | "
-                    f"{g('rewards/chosen'):.4f} | {g('rewards/rejected'):.4f} | "
-                    f"{g('kl_proxy'):.4f} | {g('loss'):.4f} |")
+  rows = loop.held_out_rows(final, cfg.eval_splits, [
+      ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"),
+      ("rewards/chosen", ".4f"), ("rewards/rejected", ".4f"), ("kl_proxy", ".4f"),
+      ("loss", ".4f")])
   md = "\n".join([
       "# DPO evaluation", "",
       f"Policy: {cfg.model.name} from {cfg.model.init or 'random init'}; reference: "

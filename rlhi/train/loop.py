@@ -225,6 +225,22 @@ def persona_tag(split: str, with_persona: bool) -> str:
   return f"{split}_{'persona' if with_persona else 'no_persona'}"
 
 
+def held_out_rows(metrics: Mapping[str, float], splits: Sequence[str],
+                  columns: Sequence[tuple[str, str]]) -> list[str]:
+  """Markdown rows '| split | persona | count | values |' of `evaluate_held_out`'s
+  metrics, one per held-out set that has examples; `columns` are (metric, format spec),
+  e.g. ('accuracy', '.3f')."""
+  rows = []
+  for split in splits:
+    for with_persona in (True, False):
+      tag = persona_tag(split, with_persona)
+      if metrics.get(f"{tag}/count"):
+        values = " | ".join(format(metrics[f"{tag}/{k}"], spec) for k, spec in columns)
+        rows.append(f"| {split} | {'persona' if with_persona else 'no persona'} | "
+                    f"{int(metrics[f'{tag}/count'])} | {values} |")
+  return rows
+
+
 def evaluate_held_out(eval_step: Callable, params: Any,
                       sets: Mapping[tuple[str, bool], Sequence[Mapping[str, Any]]], *,
                       batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
