@@ -1,6 +1,8 @@
 """WildChat ingestion: every filter on hand-made rows, users, ordering and splits."""
 
+import codecs
 import collections
+import gzip
 import hashlib
 import json
 
@@ -199,3 +201,182 @@ def test_local_jsonl_and_parquet_sources_agree(tmp_path):
 def test_missing_local_source_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such file"):
     list(wildchat.iter_rows(str(tmp_path / "nope.jsonl")))
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 18: nothing lost, nothing silent (text that cannot be written, input formats).
+# ----------------------------------------------------------------------------------------
+
+
+def _write_lines(path, rows, prefix=b""):
+  # json.dumps escapes a lone surrogate as "\ud83d", as a scraped log holds it.
+  path.write_bytes(prefix + "".join(json.dumps(r) + "\n" for r in rows).encode())
+  return str(path)
+
+
+def test_lone_surrogates_are_counted_rejects_and_the_outputs_are_written(tmp_path):
+  from rlhi.data import pipeline  # pylint: disable=g-import-not-at-top
+  from rlhi.data import schema  # pylint: disable=g-import-not-at-top
+  lone = "\ud83d"
+  rows = [
+      row(h="ok1"),
+      row(h="c", conversation=[msg("user", f"smile {lone}"), msg("assistant", "b")]),
+      row(h="ip", hashed_ip=f"ip{lone}"),
+      row(h="ua", header={"user-agent": f"UA{lone}", "accept-language": "en"}),
+      row(h="key", header={f"x-{lone}": "1", "user-agent": "UA-1"}),
+      row(h=f"hash{lone}"),
+      row(h="unused", openai_moderation=[{"categories": {"note": lone}}]),
+      # A whole surrogate pair is one valid character (U+1F600): kept.
+      row(h="ok2", conversation=[msg("user", "smile \ud83d\ude00"),
+                                 msg("assistant", "b")]),
+  ]
+  src = _write_lines(tmp_path / "rows.jsonl", rows)
+  assert "\\ud83d\\ude00" in open(src).read()  # the escapes are in the input file
+  out = tmp_path / "out"
+  cfg = {"source": src, "max_turns": 3, "user_key": ("hashed_ip", "user_agent")}
+  report = pipeline.run_ingest(cfg, str(out), progress=False)
+
+  rejects = schema.read_jsonl(out / "ingest_rejects.jsonl", schema.Reject)
+  assert [(r.source, r.line, r.reason) for r in rejects] == [
+      (src, i, "invalid_text") for i in range(2, 8)]
+  fields = ["conversation[0].content", "hashed_ip", "header.user-agent",
+            "header.x-\\ud83d", "conversation_hash",
+            "openai_moderation[0].categories.note"]
+  for r, field in zip(rejects, fields):
+    assert f"field '{field}'" in r.detail, r.detail
+  assert rejects[4].key == "hash\\ud83d"  # escaped, so that it can be written
+  convs = schema.read_jsonl(out / "conversations.jsonl", schema.Conversation)
+  assert [c.conversation_hash for c in convs] == ["ok1", "ok2"]
+  assert convs[1].messages[0].content == "smile \U0001F600"
+  assert report["rows_read"] == 8 and report["kept"] == 2
+  assert report["rejected"] == {"invalid_text": 6}
+  assert report["rows_read"] == report["kept"] + sum(report["rejected"].values())
+  assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_lone_surrogate_rejected_before_the_user_key_is_hashed():
+  # user_id_of encodes the key fields: without the check this was a UnicodeEncodeError.
+  cfg = IngestConfig(user_key=("hashed_ip", "user_agent"))
+  assert reason(row(hashed_ip="ip\udc80"), cfg) == "invalid_text"
+  assert reason(row(header={"user-agent": "\ud800"}), cfg) == "invalid_text"
+
+
+FORMAT_ROWS = [row(h=f"f{i}", ip=f"ip{i % 2}", turns=1 + i % 2,
+                   t=f"2023-05-{i + 1:02d}T00:00:00Z") for i in range(3)]
+
+
+def _write_format(path, rows, bom=False):
+  """Writes `rows` in the format that `path`'s name says, with the standard library."""
+  prefix = codecs.BOM_UTF8 if bom else b""
+  name = path.name
+  if name.endswith((".jsonl", ".jsonl.gz", ".lines.json")):
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+  elif name.endswith(".compact.json"):
+    data = json.dumps(rows).encode()  # one line
+  else:
+    data = json.dumps(rows, indent=2).encode()  # pretty-printed over many lines
+  data = prefix + data
+  path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+  return str(path)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json", "rows.compact.json",
+                                  "rows.lines.json", "rows.json.gz"])
+def test_every_format_reads_the_same_conversations_as_jsonl(tmp_path, name):
+  want = _ingest(FORMAT_ROWS)
+  got = wildchat.ingest(
+      wildchat.iter_rows(_write_format(tmp_path / name, FORMAT_ROWS)), CFG)
+  assert got.rejects == [] and got.counts["rows_read"] == 3
+  assert got.conversations == want.conversations and len(want.conversations) == 3
+  assert got.users == want.users
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.jsonl.gz", "rows.json",
+                                  "rows.lines.json"])
+def test_utf8_bom_is_stripped(tmp_path, name):
+  got = wildchat.ingest(
+      wildchat.iter_rows(_write_format(tmp_path / name, FORMAT_ROWS, bom=True)), CFG)
+  assert got.rejects == [] and got.counts["kept"] == 3
+  assert got.conversations == _ingest(FORMAT_ROWS).conversations
+
+
+def test_reject_line_numbers_in_each_format(tmp_path):
+  bad = row(h="bad", lang="Klingon")
+  rows = [FORMAT_ROWS[0], bad, FORMAT_ROWS[1], ["not", "a", "row"]]
+  jsonl = _write_format(tmp_path / "a.jsonl.gz", rows)
+  array = _write_format(tmp_path / "b.json", rows)  # pretty: element != text line
+  for path, unit in ((jsonl, "line"), (array, "array element")):
+    res = wildchat.ingest(wildchat.iter_rows(path), CFG)
+    assert [(r.source, r.line, r.reason) for r in res.rejects] == [
+        (path, 2, "language"), (path, 4, "wrong_type")]
+    assert f"expected a JSON object per {unit}, got list" in res.rejects[1].detail
+
+
+def test_json_lines_whose_first_row_is_an_array(tmp_path):
+  path = _write_format(tmp_path / "rows.lines.json", [["x"], FORMAT_ROWS[0]])
+  res = wildchat.ingest(wildchat.iter_rows(path), CFG)
+  assert [(r.line, r.reason) for r in res.rejects] == [(1, "wrong_type")]
+  assert [c.conversation_hash for c in res.conversations] == ["f0"]
+
+
+def test_directory_reads_every_supported_file_and_names_the_others(tmp_path):
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  d = tmp_path / "src"
+  (d / "sub").mkdir(parents=True)
+  rows = [row(h=f"d{i}", ip=f"ip{i}", t=f"2023-05-{i + 1:02d}T00:00:00Z")
+          for i in range(5)]
+  _write_format(d / "a.jsonl", rows[:1])
+  _write_format(d / "b.jsonl.gz", rows[1:2])
+  _write_format(d / "c.json", rows[2:3])
+  _write_format(d / "sub" / "d.json.gz", rows[3:4])
+  pd.DataFrame(rows[4:]).to_parquet(d / "sub" / "e.parquet")
+  for name in ("notes.txt", "rows.csv", "sub/README.md"):
+    (d / name).write_text("not rows\n")
+  res = wildchat.ingest(wildchat.iter_rows(str(d)), CFG)
+  assert res.conversations == _ingest(rows).conversations  # every row, once
+  assert res.counts["rows_read"] == 5 and res.rejects == []
+  assert res.counts["skipped_files"] == [
+      str(d / "notes.txt"), str(d / "rows.csv"), str(d / "sub" / "README.md")]
+
+
+def test_sources_that_cannot_be_read_are_clear_errors(tmp_path):
+  csv = tmp_path / "rows.csv"
+  csv.write_text("conversation_hash,model\n")
+  with pytest.raises(ValueError, match=f"{csv}: unsupported file type.*.jsonl.gz"):
+    list(wildchat.iter_rows(str(csv)))
+  only_other = tmp_path / "other"
+  only_other.mkdir()
+  (only_other / "x.txt").write_text("x")
+  with pytest.raises(FileNotFoundError, match="no .jsonl.*1 other files"):
+    list(wildchat.iter_rows(str(only_other)))
+  broken = tmp_path / "broken.json"
+  broken.write_text(json.dumps(FORMAT_ROWS, indent=2)[:-10])  # a truncated array
+  with pytest.raises(ValueError, match=f"{broken}: not a valid JSON array"):
+    list(wildchat.iter_rows(str(broken)))
+  truncated = tmp_path / "truncated.jsonl.gz"
+  truncated.write_bytes(gzip.compress(b"{}\n" * 1000)[:-12])
+  with pytest.raises(ValueError, match=f"{truncated}: not a readable gzip file"):
+    list(wildchat.iter_rows(str(truncated)))
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    list(wildchat.iter_rows(str(tmp_path / "nope.jsonl.gz")))
+
+
+def test_missing_timestamp_is_missing_field():
+  no_time = {k: v for k, v in row().items() if k != "timestamp"}
+  assert reason(no_time) == "missing_field"
+  assert reason(row(t=None)) == "missing_field"
+  with pytest.raises(RowError, match="field 'timestamp' is missing"):
+    wildchat.normalize_row(no_time, CFG)
+
+
+def test_rejected_parquet_row_with_datetime_timestamp(tmp_path):
+  import datetime as dt  # pylint: disable=g-import-not-at-top
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  rows = [row(h="es", lang="Spanish"), row(h="en")]
+  for r in rows:
+    r["timestamp"] = dt.datetime(2023, 5, 1, 10)  # WildChat-1M's parquet type
+  pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
+  res = wildchat.ingest(wildchat.iter_rows(str(tmp_path / "rows.parquet")), CFG)
+  assert [(r.line, r.reason) for r in res.rejects] == [(1, "language")]
+  assert res.rejects[0].raw.startswith('{"conversation": [{"content": "question 0"')
+  assert [c.timestamp for c in res.conversations] == ["2023-05-01T10:00:00Z"]

@@ -10,12 +10,16 @@ This module is part of the lightweight data package: it never imports jax.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import dataclasses
+import gzip
 import json
 import os
 import types
 import typing
-from typing import Any, Iterable, Iterator, Sequence, TypeVar, Union
+import zlib
+from typing import IO, Any, Iterable, Iterator, Sequence, TypeVar, Union
 
 from rlhi import fileio
 
@@ -293,23 +297,47 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
 class Reject:
   """An input that did not make it into an output, and why."""
   source: str  # file path or data set name
-  line: int  # 1-based line (JSONL) or row number (other sources)
+  line: int  # 1-based line (JSONL), element (JSON array) or row number (other sources)
   reason: str  # short machine-readable code, e.g. 'malformed_json', 'toxic'
   detail: str  # human-readable: field, expected, got
   key: str = ""  # conversation hash or item key, when known
   raw: str = ""  # the start of the offending input, for inspection
 
 
+@contextlib.contextmanager
+def open_bytes(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+  """Opens `path` for reading bytes, gunzipping it if its name ends in '.gz'.
+
+  `path` may be local or remote (gs://...; see rlhi.fileio). A corrupt or truncated
+  gzip file raises ValueError naming the path: its rows cannot be counted, so it stops
+  the reader rather than ending the file early without a word.
+  """
+  path = os.fspath(path)
+  with fileio.open(path, "rb") as f:
+    if not path.endswith(".gz"):
+      yield f
+      return
+    with gzip.GzipFile(fileobj=f, mode="rb") as g:
+      try:
+        yield g
+      except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from e
+
+
 def iter_json_lines(path: str | os.PathLike
                     ) -> Iterator[tuple[int, Any | None, Reject | None]]:
   """Yields (line_no, parsed object, None) or (line_no, None, Reject) per non-blank line.
 
-  Reads bytes so that one line of invalid UTF-8 is one reject, not a crash. `path` may
-  be local or remote (gs://...; see rlhi.fileio).
+  Reads bytes so that one line of invalid UTF-8 is one reject, not a crash. A UTF-8 byte
+  order mark at the start of the file is dropped (editors on Windows write one; JSON does
+  not allow it). A '.gz' file is gunzipped. `path` may be local or remote (gs://...; see
+  rlhi.fileio).
   """
   path = os.fspath(path)
-  with fileio.open(path, "rb") as f:
+  with open_bytes(path) as f:
     for line_no, raw in enumerate(f, start=1):
+      if line_no == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
       if not raw.strip():
         continue
       try:

@@ -1,12 +1,21 @@
 """WildChat rows -> clean conversations, users, and user-level splits.
 
 Input: rows in the WildChat-1M schema (HF `allenai/WildChat-1M`, or a local copy as
-parquet / JSONL, a file or a directory of files). Each row either becomes a
-`Conversation` or a `Reject` with a reason code; `IngestResult.counts` counts both, so
-`rows_read == kept + sum(rejected by reason)` always holds.
+.jsonl, .jsonl.gz, .json (an array, or one object per line) or .parquet, a file or a
+directory of files; see `iter_rows`). Each row either becomes a `Conversation` or a
+`Reject` with a reason code; `IngestResult.counts` counts both, so
+`rows_read == kept + sum(rejected by reason)` always holds. A file in a source directory
+that is of no supported kind is not read; it is listed in counts["skipped_files"].
 
 Reason codes, checked in this order (the first that applies is the one counted):
   malformed_json, invalid_utf8          the line is not a JSON object in UTF-8
+  invalid_text                          a string anywhere in the row (a key or a value,
+                                        used or not) cannot be written as UTF-8: a lone
+                                        surrogate, from a JSON escape such as "\\ud83d"
+                                        without its low half. The row is rejected, not
+                                        repaired: a repaired hashed_ip could merge two
+                                        users. In the reject (and in every reject field)
+                                        such characters are written as "\\ud83d" text.
   missing_field, wrong_type, bad_role   the row does not match the WildChat schema
   language                              row language not in `languages` (if set)
   toxic                                 row or any message flagged toxic (if drop_toxic)
@@ -28,10 +37,12 @@ machine; no user is in two splits. Within a user, the earlier conversations are 
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import math
 import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -40,8 +51,8 @@ from rlhi.data import schema
 from rlhi.data.schema import Conversation, Message, Reject, User
 
 REASONS = (
-    "malformed_json", "invalid_utf8", "missing_field", "wrong_type", "bad_role",
-    "language", "toxic", "redacted", "empty_message", "non_alternating_roles",
+    "malformed_json", "invalid_utf8", "invalid_text", "missing_field", "wrong_type",
+    "bad_role", "language", "toxic", "redacted", "empty_message", "non_alternating_roles",
     "too_few_turns", "too_many_turns", "message_too_long", "duplicate_hash",
 )
 
@@ -120,41 +131,118 @@ class RowError(Exception):
 # ----------------------------------------------------------------------------------------
 
 
-def _data_files(path: str) -> list[str]:
-  if os.path.isfile(path):
-    return [path]
-  files = sorted(os.path.join(root, name)
-                 for root, _, names in os.walk(path) for name in names
-                 if name.endswith((".jsonl", ".json", ".parquet")))
-  if not files:
-    raise FileNotFoundError(f"{path}: no .jsonl, .json or .parquet files in directory")
-  return files
+# Local files this module reads, by name ending (case-insensitive).
+SUPPORTED_FILES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+# The reason of the marker that `iter_rows` yields for a file it does not read; `ingest`
+# lists these files under counts["skipped_files"] and does not count them as rows.
+SKIPPED_FILE = "skipped_file"
+
+
+def _is_supported(path: str) -> bool:
+  return path.lower().endswith(SUPPORTED_FILES)
+
+
+def _walk(path: str) -> list[str]:
+  """All files under `path`, sorted, so that every run reads them in the same order."""
+  return sorted(os.path.join(root, name)
+                for root, _, names in os.walk(path) for name in names)
 
 
 def iter_rows(source: str, *, hf_split: str = "train", streaming: bool = False
               ) -> Iterator[tuple[str, int, dict[str, Any] | None, Reject | None]]:
   """Yields (source, row number, row, None) or (source, row number, None, reject).
 
-  `source` is a local file or directory (.jsonl/.json/.parquet) or an HF hub id.
-  JSONL is read line by line rather than through `datasets`' json builder, which stops
-  at the first bad line: here a bad line is one counted reject and the rest is read.
-  Parquet files and hub data sets go through `datasets`.
+  `source` is an HF hub id, or a local file or directory of files ending in one of
+  SUPPORTED_FILES:
+    .jsonl, .jsonl.gz   one JSON object per line; the row number is the line number.
+                        Read line by line rather than through `datasets`' json builder,
+                        which stops at the first bad line: here a bad line is one
+                        counted reject and the rest is read.
+    .json, .json.gz     a JSON array of rows if the first non-blank character is '[',
+                        and the row number is the 1-based element number; otherwise
+                        one object per line, as .jsonl.
+    .parquet            through `datasets`; the row number counts from 1.
+  A directory is read file by file in sorted path order; a file in it with any other
+  ending is not read, and is yielded as a (path, 0, None, reject) marker with reason
+  SKIPPED_FILE, so that the report names it. A file of another kind given directly is
+  a ValueError, and so is a file that cannot be read as a whole (a corrupt gzip file, a
+  JSON array that does not parse): their rows cannot be counted.
   """
-  if os.path.exists(source):
-    for path in _data_files(source):
-      if path.endswith(".parquet"):
-        yield from _iter_datasets("parquet", path, hf_split="train", streaming=streaming)
+  if os.path.isdir(source):
+    files = _walk(source)
+    if not any(_is_supported(p) for p in files):
+      raise FileNotFoundError(f"ingest.source: {source}: no {', '.join(SUPPORTED_FILES)} "
+                              f"files in directory ({len(files)} other files)")
+    for path in files:
+      if _is_supported(path):
+        yield from _iter_file(path, streaming)
       else:
-        for line_no, obj, reject in schema.iter_json_lines(path):
-          if reject is None and not isinstance(obj, dict):
-            reject = Reject(path, line_no, "wrong_type",
-                            f"expected a JSON object per line, got {type(obj).__name__}",
-                            raw=str(obj)[:200])
-          yield path, line_no, (None if reject else obj), reject
+        yield path, 0, None, Reject(path, 0, SKIPPED_FILE,
+                                    f"not one of {', '.join(SUPPORTED_FILES)}")
+  elif os.path.exists(source):
+    if not _is_supported(source):
+      raise ValueError(f"ingest.source: {source}: unsupported file type; expected a "
+                       f"directory, an HF hub id or a file ending in "
+                       f"{', '.join(SUPPORTED_FILES)}")
+    yield from _iter_file(source, streaming)
   else:
-    if source.startswith((".", "/")) or source.endswith((".jsonl", ".json", ".parquet")):
+    if source.startswith((".", "/")) or _is_supported(source):
       raise FileNotFoundError(f"ingest.source: {source}: no such file or directory")
     yield from _iter_datasets(source, None, hf_split=hf_split, streaming=streaming)
+
+
+def _iter_file(path: str, streaming: bool):
+  """The rows of one local file of a supported kind."""
+  name = path.lower()
+  if name.endswith(".parquet"):
+    yield from _iter_datasets("parquet", path, hf_split="train", streaming=streaming)
+    return
+  if name.endswith((".json", ".json.gz")) and _starts_with_bracket(path):
+    items, unit = _iter_json_array(path), "array element"
+  else:
+    items, unit = schema.iter_json_lines(path), "line"
+  for row_no, obj, reject in items:
+    if reject is None and not isinstance(obj, dict):
+      reject = Reject(path, row_no, "wrong_type",
+                      f"expected a JSON object per {unit}, got {type(obj).__name__}",
+                      raw=str(obj)[:200])
+    yield path, row_no, (None if reject else obj), reject
+
+
+def _starts_with_bracket(path: str) -> bool:
+  """Whether the first character after any BOM and white space is '['."""
+  with schema.open_bytes(path) as f:
+    head = f.read(len(codecs.BOM_UTF8)).removeprefix(codecs.BOM_UTF8)
+    while not head.strip():
+      chunk = f.read(4096)
+      if not chunk:
+        return False
+      head += chunk
+    return head.lstrip().startswith(b"[")
+
+
+def _iter_json_array(path: str) -> Iterator[tuple[int, Any | None, Reject | None]]:
+  """(element number, element, None) for each element of a JSON array file.
+
+  A file that holds several JSON values is JSON lines whose first row happens to be an
+  array (a malformed row): it is read line by line instead.
+  """
+  with schema.open_bytes(path) as f:
+    data = f.read().removeprefix(codecs.BOM_UTF8)
+  try:
+    elements = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: a JSON array with invalid UTF-8 at byte {e.start}; "
+                     f"its rows cannot be told apart, so none was read") from None
+  except json.JSONDecodeError as e:
+    if e.msg == "Extra data":
+      yield from schema.iter_json_lines(path)
+      return
+    raise ValueError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno} "
+                     f"column {e.colno}); its rows cannot be told apart, so none was "
+                     f"read") from None
+  for i, obj in enumerate(elements, start=1):
+    yield i, obj, None
 
 
 def _iter_datasets(name: str, data_files: str | None, *, hf_split: str,
@@ -175,6 +263,8 @@ def _iter_datasets(name: str, data_files: str | None, *, hf_split: str,
 def _parse_time(value: Any, field: str) -> dt.datetime:
   if isinstance(value, dt.datetime):
     t = value
+  elif value is None:
+    raise RowError("missing_field", f"field '{field}' is missing")
   elif isinstance(value, str):
     try:
       t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -225,8 +315,37 @@ def _flag(value: Any, field: str) -> bool:
   return value
 
 
+def _check_text(value: Any, field: str = "") -> None:
+  """Raises RowError('invalid_text') at the first string in `value` that is not text.
+
+  A lone surrogate passes json.loads but no UTF-8 writer: caught here, it is one
+  reject naming its field, rather than a crash when the outputs are written.
+  """
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise RowError("invalid_text", f"field '{_printable(field)}': "
+                                     f"{value[e.start]!r} at character {e.start} is "
+                                     f"a lone surrogate, not text") from None
+  elif isinstance(value, Mapping):
+    for k, v in value.items():
+      path = f"{field}.{k}" if field else str(k)
+      _check_text(k, path)
+      _check_text(v, path)
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _check_text(v, f"{field}[{i}]")
+
+
+def _printable(text: str) -> str:
+  """`text` with lone surrogates written as backslash escapes, so it can be written."""
+  return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def normalize_row(row: Mapping[str, Any], cfg: IngestConfig) -> Conversation:
   """Validates a WildChat row and applies the content filters; raises RowError."""
+  _check_text(row)
   for name, tp in _ROW_REQUIRED.items():
     if name not in row or row[name] is None:
       raise RowError("missing_field", f"field '{name}' is missing")
@@ -376,8 +495,12 @@ def ingest(rows: Iterable[tuple[str, int, dict[str, Any] | None, Reject | None]]
   kept: list[Conversation] = []
   rejects: list[Reject] = []
   seen: set[str] = set()
+  skipped_files: list[str] = []
   rows_read = 0
   for source, row_no, row, reject in rows:
+    if reject is not None and reject.reason == SKIPPED_FILE:  # a file, not a row
+      skipped_files.append(_printable(source))
+      continue
     rows_read += 1
     if reject is None:
       key = row.get("conversation_hash") if isinstance(
@@ -390,17 +513,24 @@ def ingest(rows: Iterable[tuple[str, int, dict[str, Any] | None, Reject | None]]
         kept.append(conv)
         continue
       except RowError as e:
+        # default=str: parquet rows hold datetimes, which JSON has no type for.
         reject = Reject(source, row_no, e.reason, e.detail, key=key,
-                        raw=schema.dumps(row)[:200])
-    rejects.append(reject)
+                        raw=json.dumps(row, ensure_ascii=False, sort_keys=True,
+                                       default=str)[:200])
+    # A rejected row may hold text that cannot be written (invalid_text); so may a
+    # path from the file system. Escaped here, the rejects file can always be written.
+    rejects.append(dataclasses.replace(
+        reject, source=_printable(reject.source), detail=_printable(reject.detail),
+        key=_printable(reject.key), raw=_printable(reject.raw)))
 
   conversations, users = build_users(kept, cfg)
   return IngestResult(conversations, users, rejects,
-                      _counts(rows_read, conversations, users, rejects))
+                      _counts(rows_read, conversations, users, rejects, skipped_files))
 
 
 def _counts(rows_read: int, conversations: Sequence[Conversation],
-            users: Sequence[User], rejects: Sequence[Reject]) -> dict[str, Any]:
+            users: Sequence[User], rejects: Sequence[Reject],
+            skipped_files: Sequence[str]) -> dict[str, Any]:
   by_reason = collections.Counter(r.reason for r in rejects)
   turns = collections.Counter(len(c.messages) // 2 for c in conversations)
   conv_by_hash = {c.conversation_hash: c for c in conversations}
@@ -418,6 +548,7 @@ def _counts(rows_read: int, conversations: Sequence[Conversation],
       "rows_read": rows_read,
       "kept": len(conversations),
       "rejected": {r: by_reason.get(r, 0) for r in REASONS if by_reason.get(r)},
+      "skipped_files": list(skipped_files),
       "users": len(users),
       "splits": {s: dict(sorted(per_split[s].items())) for s in schema.SPLITS},
       "user_turns_histogram": {str(k): turns[k] for k in sorted(turns)},
