@@ -60,6 +60,11 @@ def get_config(arg=None):
   config.client.model = "meta-llama/Llama-3.1-70B-Instruct"
   config.client.api_key_env = ""  # e.g. "OPENAI_API_KEY" for a hosted API
 
+  # An LLM stage whose requests failed or never gave a valid answer for more than this
+  # fraction of its items writes what it has, then exits non-zero (prepare_data --stage
+  # all stops there). Re-running after fixing the server asks only the failed items.
+  config.max_failure_fraction = 0.05
+
   config.classify = ml_collections.ConfigDict(dict(
       labels=dict(classify.DEFAULT_LABELS),  # name -> description, shown to the LLM
       actionable_labels=classify.DEFAULT_ACTIONABLE,

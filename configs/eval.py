@@ -118,6 +118,9 @@ def get_config(arg=None):
       )),
   ))
   config.n_boot = 200 if arg.quick else 1000
+  # More failed answers (per system) or judgements than this fraction: the report is
+  # written, then the run exits non-zero.
+  config.max_failure_fraction = 0.05
 
   # ---- Reward-model accuracy on held-out pairs -----------------------------------------
   config.reward_eval = ml_collections.ConfigDict(dict(

@@ -29,10 +29,10 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
 
 from configs import data_prep
+from rlhi import cli
 from rlhi.data import pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/rlhi_demo", "Output directory.")
@@ -239,4 +239,4 @@ def write_report(work: str, seconds: dict, quick: bool) -> str:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

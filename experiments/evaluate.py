@@ -14,8 +14,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import fileio
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.eval import report as report_lib
 from rlhi.eval import reward_eval
 from rlhi.eval import usereval
@@ -26,10 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Reports, answers and judgements
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
-  sharding.initialize_distributed()
+def run(cfg, workdir: str) -> None:
+  """The whole run of this entry point (process 0 holds the workdir lock)."""
   if not cfg.usereval_enabled and not cfg.reward_eval.enabled:
     raise app.UsageError("nothing to do: config.usereval_enabled and "
                          "config.reward_eval.enabled are both false")
@@ -52,5 +52,13 @@ def main(argv):
         print(f.read())
 
 
+def main(argv):
+  del argv
+  sharding.initialize_distributed()
+  with workdir_lock.hold(_WORKDIR.value, "evaluate",
+                          enabled=sharding.is_main_process()):
+    run(_CONFIG.value, _WORKDIR.value)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import fileio
+from rlhi import workdir_lock
 from rlhi.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -30,13 +32,15 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cfg = _CONFIG.value
   stages = list(pipeline.STAGES) if _STAGE.value == "all" else [_STAGE.value]
-  for stage in stages:
-    logging.info("stage %s -> %s", stage, _WORKDIR.value)
-    pipeline.run_stage(stage, cfg, _WORKDIR.value)
-    if _PRINT_REPORT.value:
-      with fileio.open(f"{_WORKDIR.value}/{stage}_report.md") as f:
-        sys.stdout.write(f.read() + "\n")
+  # One lock for every stage of `--stage all`: no other run can slip in between.
+  with workdir_lock.hold(_WORKDIR.value, f"prepare_data --stage {_STAGE.value}"):
+    for stage in stages:
+      logging.info("stage %s -> %s", stage, _WORKDIR.value)
+      pipeline.run_stage(stage, cfg, _WORKDIR.value)
+      if _PRINT_REPORT.value:
+        with fileio.open(f"{_WORKDIR.value}/{stage}_report.md") as f:
+          sys.stdout.write(f.read() + "\n")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -53,6 +53,7 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import sweep as hyper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -415,4 +416,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

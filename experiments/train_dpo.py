@@ -8,11 +8,12 @@ eval_report.md/json (held-out users' pairs, with and without persona) and the po
 in HF format to <workdir>/hf.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.train import dpo
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -24,8 +25,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   sharding.initialize_distributed()
-  dpo.run(_CONFIG.value, _WORKDIR.value)
+  with workdir_lock.hold(_WORKDIR.value, "train_dpo",
+                          enabled=sharding.is_main_process()):
+    dpo.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

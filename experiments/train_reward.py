@@ -6,13 +6,14 @@ r"""Trains the persona-conditioned reward model; see configs/reward_model.py.
 
 import os
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import inputs
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.models import llama
 from rlhi.models import reward
@@ -29,11 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and report
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
-  sharding.initialize_distributed()
-
+def run(cfg, workdir: str) -> None:
+  """The whole run of this entry point (process 0 holds the workdir lock)."""
   # ---- Tokenizer and data ------------------------------------------------------------
   fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
                               cfg.data.system_template)
@@ -100,5 +98,13 @@ def write_report(workdir, cfg, final, n_train):
   pipeline.write_report(workdir, "eval", dict(final), md)
 
 
+def main(argv):
+  del argv
+  sharding.initialize_distributed()
+  with workdir_lock.hold(_WORKDIR.value, "train_reward",
+                          enabled=sharding.is_main_process()):
+    run(_CONFIG.value, _WORKDIR.value)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

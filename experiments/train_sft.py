@@ -5,13 +5,14 @@ r"""Supervised fine-tuning on training users' conversations; see configs/sft.py.
 
 import os
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import inputs
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.models import hf_io
@@ -44,11 +45,8 @@ def load_examples(cfg, fmt, splits):
   return examples, stats
 
 
-def main(argv):
-  del argv
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
-  sharding.initialize_distributed()
-
+def run(cfg, workdir: str) -> None:
+  """The whole run of this entry point (process 0 holds the workdir lock)."""
   # ---- Tokenizer and data ------------------------------------------------------------
   tokenizer = tok_lib.load_tokenizer(model_init.tokenizer_name(cfg))
   fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
@@ -80,5 +78,13 @@ def main(argv):
       tok_lib.save_tokenizer(tokenizer, export)
 
 
+def main(argv):
+  del argv
+  sharding.initialize_distributed()
+  with workdir_lock.hold(_WORKDIR.value, "train_sft",
+                          enabled=sharding.is_main_process()):
+    run(_CONFIG.value, _WORKDIR.value)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

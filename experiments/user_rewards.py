@@ -9,11 +9,12 @@ Re-running the same command resumes (finished rounds are skipped; a round's DPO
 resumes from its checkpoints). See rlhi/train/user_rewards.py and configs/dpo.py.
 """
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from rlhi import cli
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.train import user_rewards
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -25,8 +26,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   sharding.initialize_distributed()
-  user_rewards.run(_CONFIG.value, _WORKDIR.value)
+  with workdir_lock.hold(_WORKDIR.value, "user_rewards",
+                          enabled=sharding.is_main_process()):
+    user_rewards.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

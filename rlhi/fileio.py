@@ -98,6 +98,14 @@ def makedirs(path: PathLike) -> None:
     _epath(path).mkdir(parents=True, exist_ok=True)
 
 
+def remove(path: PathLike) -> None:
+  """Deletes one file (FileNotFoundError if there is none)."""
+  if not is_remote(path):
+    os.remove(path)
+  else:
+    _epath(path).unlink()
+
+
 def read_bytes(path: PathLike) -> bytes:
   with open(path, "rb") as f:
     return f.read()
@@ -113,7 +121,8 @@ def atomic_write(path: PathLike, mode: str = "w", *, newline: str | None = "\n"
                  ) -> Iterator[IO]:
   """A file that appears at `path` whole or not at all.
 
-  Local: written to `<path>.tmp`, then renamed over `path`. Remote: written to a local
+  Local: written to a temporary file of its own beside `path` (`<name>.<random>.tmp`,
+  removed if the block raises), then renamed over `path`. Remote: written to a local
   temporary file, then uploaded as one object (an object becomes visible only when its
   upload completes; a rename on GCS is a copy plus a delete, no more atomic).
   """
@@ -127,10 +136,19 @@ def atomic_write(path: PathLike, mode: str = "w", *, newline: str | None = "\n"
         yield f
       copy_file(local, path)
     return
-  tmp = path + ".tmp"
-  with open(tmp, mode, newline=newline) as f:
-    yield f
-  os.replace(tmp, path)
+  # A temporary name of this writer's own (two writers of one path never share it), in
+  # the same directory (so the rename is atomic), removed if the block raises.
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                             prefix=os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    with open(tmp, mode, newline=newline) as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
 
 
 def copy_file(src: PathLike, dst: PathLike) -> None:

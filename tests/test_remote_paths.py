@@ -28,6 +28,7 @@ import safetensors.numpy
 from configs import data_prep
 from rlhi import fileio
 from rlhi import sharding
+from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.models import hf_io
@@ -177,9 +178,9 @@ def test_data_stages_on_gcs_equal_a_local_run(gcs, tmp_path):
   local_files = sorted(
       os.path.relpath(os.path.join(root, f), local)
       for root, _, files in os.walk(local) for f in files
-      if not f.startswith(pipeline.LLM_CACHE))
+      if not f.startswith(pipeline.LLM_CACHE) and f != workdir_lock.LOCK_FILE)
   remote_files = [f for f in _remote_files(gcs, "/b/data/") if f != pipeline.LLM_CACHE]
-  assert remote_files == local_files
+  assert remote_files == local_files  # the remote lock object is gone after the run
   for name in local_files:
     if name.endswith((".json", ".jsonl", ".md")):
       with open(os.path.join(local, name), "rb") as f:

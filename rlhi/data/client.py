@@ -333,6 +333,15 @@ class InferenceClient(abc.ABC):
   def close(self) -> None:
     """Releases connections and files; the client must not be used afterwards."""
 
+  def forget(self, requests: Sequence[ChatRequest]) -> None:
+    """Drops the cached answers to `requests` (a cached client; others keep nothing).
+
+    The caller validates answers; one that failed validation must not be served again
+    from the cache, or a re-run against a healthy server would reject the same items
+    forever. Stages call this for every answer they set aside, so resuming is
+    re-running: exactly those requests are sent again.
+    """
+
   def cache_identity(self) -> dict[str, Any]:
     """What, besides the request, decides the answer (goes into the cache key)."""
     return {"backend": self.kind}
@@ -912,6 +921,14 @@ class ResponseCache:
         # just asked again on a re-run.
         _LOG.debug("cache: answer for %s not storable (lone surrogates)", result.key)
 
+  def delete_many(self, keys: Iterable[str]) -> None:
+    keys = list(dict.fromkeys(keys))
+    with self._lock:
+      for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit.
+        chunk = keys[start:start + 500]
+        self._conn.execute(
+            f"DELETE FROM answers WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+
   def __len__(self) -> int:
     with self._lock:
       return self._conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
@@ -971,6 +988,9 @@ class CachedClient(InferenceClient):
 
     to_send = [requests[waiting[k][0]] for k in send_keys]
     self.inner._answer(to_send, on_inner)  # pylint: disable=protected-access
+
+  def forget(self, requests: Sequence[ChatRequest]) -> None:
+    self.cache.delete_many(self.key_for(r) for r in requests)
 
   def stats(self) -> dict[str, int]:
     merged = self.inner.stats()

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import tqdm
 
 from rlhi import fileio
+from rlhi import workdir_lock
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
@@ -118,6 +119,8 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
       f"Source: `{report['source']}`", "",
       f"Rows read: {report['rows_read']}; kept: {report['kept']}; "
       f"rejected: {sum(rejected.values())}; users: {report['users']}.", "",
+      f"Files skipped (not a supported type): "
+      f"{', '.join(f'`{p}`' for p in report.get('skipped_files', [])) or 'none'}.", "",
       "## Rejected rows by reason", "",
       _md_table(["reason", "rows"], [[r, n] for r, n in rejected.items()])
       if rejected else "None.", "",
@@ -237,6 +240,46 @@ def reason_code(reason: str) -> str:
   return (m.group(0) if m else "other").strip().replace(" ", "_")
 
 
+# Reasons that mean the inference itself did not deliver (server down, answers that never
+# parse), as opposed to the method setting an item aside (too little history, a rewrite
+# that repeats the original): only these count towards `max_failure_fraction`.
+INFERENCE_FAILURES = ("request_failed", "invalid_answer", "regeneration_failed")
+
+
+class StageFailedError(RuntimeError):
+  """More of a stage's inference failed than config.max_failure_fraction allows."""
+
+
+def check_failures(stage: str, asked: int, failures: list[schema.Reject],
+                   max_fraction: float, *, where: str, rerun: str) -> None:
+  """Raises StageFailedError when more than `max_fraction` of `asked` items failed.
+
+  Called after the stage has written its outputs and report (what succeeded is kept, and
+  cached), so the error can point at them. `where` names the report; `rerun` says how
+  to heal the failures.
+  """
+  if not asked or len(failures) <= max_fraction * asked:
+    return
+  by_reason = collections.Counter(r.reason for r in failures)
+  first = "; ".join(f"{r.key}: {r.detail[:200]}" for r in failures[:3])
+  raise StageFailedError(
+      f"{stage}: {len(failures)} of {asked} items failed at inference "
+      f"({100 * len(failures) / asked:.0f}%, above max_failure_fraction={max_fraction}): "
+      f"{dict(by_reason)}. First: {first}. Details: {where}. {rerun}")
+
+
+def _check_stage(cfg, stage: str, asked: int, rejects: list[schema.Reject],
+                 workdir: str) -> None:
+  check_failures(
+      stage, asked, [r for r in rejects if r.reason in INFERENCE_FAILURES],
+      cfg.max_failure_fraction,
+      where=os.path.join(workdir, f"{stage}_report.md") + " and "
+      + os.path.join(workdir, f"{stage}_rejects.jsonl"),
+      rerun="Fix the inference server (config.client) and re-run this stage: answers "
+      "that passed are cached, so only the failed items are asked again (or raise "
+      "--config.max_failure_fraction).")
+
+
 def _rejects(stage: str, failed: dict[str, str]) -> list[schema.Reject]:
   return [schema.Reject(source=stage, line=i, reason=reason_code(reason), detail=reason,
                         key=key)
@@ -301,6 +344,7 @@ def run_classify(cfg, workdir: str) -> dict[str, Any]:
                   [[k, v] for k, v in report["actionable_by_split"].items()]), ""]
   md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
   write_report(workdir, "classify", report, "\n".join(md))
+  _check_stage(cfg, "classify", report["follow_ups"], rejects, workdir)
   return report
 
 
@@ -332,6 +376,8 @@ def run_persona(cfg, workdir: str) -> dict[str, Any]:
         f"(cap {pcfg.max_words}).", ""]
   md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
   write_report(workdir, "persona", report, "\n".join(md))
+  asked = len(personas) + sum(r.reason in INFERENCE_FAILURES for r in rejects)
+  _check_stage(cfg, "persona", asked, rejects, workdir)
   return report
 
 
@@ -376,6 +422,7 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
                                         report["pairs_by_label"].items()]), ""]
   md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
   write_report(workdir, "rewrites", report, "\n".join(md))
+  _check_stage(cfg, "rewrites", report["actionable_targets"], rejects, workdir)
   return report
 
 
@@ -423,6 +470,7 @@ def run_stage(stage: str, cfg, workdir: str) -> dict[str, Any]:
   """Runs one stage with the data-prep config (see configs/data_prep.py)."""
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
-  if stage == "ingest":
-    return run_ingest(cfg.ingest, workdir)
-  return STAGES[stage](cfg, workdir)
+  with workdir_lock.hold(workdir, f"prepare_data --stage {stage}"):
+    if stage == "ingest":
+      return run_ingest(cfg.ingest, workdir)
+    return STAGES[stage](cfg, workdir)

@@ -93,8 +93,9 @@ def ask_json(client: InferenceClient, items: Sequence[JsonItem],
   done: dict[str, T] = {}
   failed: dict[str, str] = {}
   retry: list[tuple[JsonItem, str, str]] = []  # (item, bad answer, reason)
-  first = client.chat([request(i.key, [{"role": "user", "content": i.prompt}])
-                       for i in items], desc=desc)
+  first_requests = [request(i.key, [{"role": "user", "content": i.prompt}])
+                    for i in items]
+  first = client.chat(first_requests, desc=desc)
   for item, res in zip(items, first):
     if res.text is None:
       failed[item.key] = f"request failed: {res.error}"
@@ -105,12 +106,12 @@ def ask_json(client: InferenceClient, items: Sequence[JsonItem],
       retry.append((item, res.text, str(e)))
 
   if retry:
-    second = client.chat([
-        request(f"{item.key}/reask", [
-            {"role": "user", "content": item.prompt},
-            {"role": "assistant", "content": bad},
-            {"role": "user", "content": render("reask", reason=reason)}])
-        for item, bad, reason in retry], desc=f"{desc} (re-ask)")
+    reasks = [request(f"{item.key}/reask", [
+        {"role": "user", "content": item.prompt},
+        {"role": "assistant", "content": bad},
+        {"role": "user", "content": render("reask", reason=reason)}])
+              for item, bad, reason in retry]
+    second = client.chat(reasks, desc=f"{desc} (re-ask)")
     for (item, _, reason), res in zip(retry, second):
       if res.text is None:
         failed[item.key] = f"invalid answer ({reason}); re-ask failed: {res.error}"
@@ -119,4 +120,9 @@ def ask_json(client: InferenceClient, items: Sequence[JsonItem],
         done[item.key] = check(res.text)
       except ValueError as e:
         failed[item.key] = f"invalid answer ({reason}); after re-ask: {e}"
+    # A rejected item's answers leave the cache, so that a re-run asks again (its
+    # re-ask is keyed by the first answer, so both go). An item saved by its re-ask
+    # keeps both: a re-run then sends nothing for it.
+    client.forget([r for r in first_requests + reasks if r.key.removesuffix("/reask")
+                   in failed])
   return done, failed

@@ -192,6 +192,8 @@ def make_pairs(client: InferenceClient, follow_ups: Sequence[FollowUp],
                             cfg)
     if reason:
       failed[req.key] = reason
+      # Not served from the cache again: a re-run asks for a new rewrite.
+      client.forget([req])
       continue
     persona = personas.get(f.user_id)
     pairs.append(PreferencePair(

@@ -202,4 +202,16 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       },
   }
   report_lib.write(workdir, report)
+  # Answers and judgements that failed are in the rejects; too many of them and the win
+  # rates mean little, so the run ends non-zero after writing what it has.
+  gen_failed = [r for r in rejects if r.source.startswith("generation/")]
+  judge_failed = [r for r in rejects if r.source == "judge"]
+  for what, asked, failures in (("usereval generation", 2 * len(items), gen_failed),
+                                ("usereval judge", len(judgements), judge_failed)):
+    pipeline.check_failures(
+        what, asked, failures, cfg.max_failure_fraction,
+        where=f"{path(report_lib.MD_FILE)} and {path(REJECTS_FILE)}",
+        rerun="Fix the system or the judge (config.systems, config.judge) and re-run: "
+        "answers and verdicts that succeeded are reused (or raise "
+        "--config.max_failure_fraction).")
   return report

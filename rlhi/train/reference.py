@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhi import fileio
 from rlhi import inputs
 from rlhi import sharding
 from rlhi.models import llama
@@ -159,14 +161,14 @@ def cached(params: Any, config: llama.LlamaConfig,
                              "checkpoint (config.reference.init) and its dtype")
   if sharding.is_main_process():
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + ".tmp")
     # float32 -> Python float (float64) is exact, and JSON keeps 17 digits: the values
-    # read back are bit-identical.
-    tmp.write_text(json.dumps({
-        "key": key, "params": params_fp, "data": data_fp, "tokenizer": tokenizer,
-        "template": system_template, "pair_ids": [str(e.get("pair_id", ""))
-                                                  for e in examples],
-        "chosen": [float(x) for x in chosen], "rejected": [float(x) for x in rejected],
-    }))
-    tmp.rename(path)
+    # read back are bit-identical. Several runs may share a cache_dir: atomic_write
+    # gives each its own temporary file.
+    with fileio.atomic_write(os.fspath(path)) as f:
+      f.write(json.dumps({
+          "key": key, "params": params_fp, "data": data_fp, "tokenizer": tokenizer,
+          "template": system_template, "pair_ids": [str(e.get("pair_id", ""))
+                                                    for e in examples],
+          "chosen": [float(x) for x in chosen], "rejected": [float(x) for x in rejected],
+      }))
   return CacheResult(attach(examples, chosen, rejected), str(path), False)
