@@ -36,7 +36,7 @@ def run(cfg, workdir: str) -> None:
   fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
                               cfg.data.system_template)
   def pairs(split, with_persona):
-    path = os.path.join(cfg.data.dir, pipeline.PAIRS.format(split=split))
+    path = pipeline.input_path(cfg.data.dir, pipeline.PAIRS.format(split=split))
     examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
                                       max_length=cfg.data.max_length,
                                       max_response_length=cfg.data.max_response_length)

@@ -31,14 +31,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def load_examples(cfg, fmt, splits):
   """Tokenized conversations of the users in `splits`, persona in the system slot."""
-  users = schema.read_jsonl(os.path.join(cfg.data.dir, pipeline.USERS), schema.User)
+  path = lambda name: pipeline.input_path(cfg.data.dir, name)
+  users = schema.read_jsonl(path(pipeline.USERS), schema.User)
   keep = {u.user_id for u in users if u.split in splits}
-  convs = [c for c in schema.read_jsonl(os.path.join(cfg.data.dir, pipeline.CONVERSATIONS),
-                                        schema.Conversation) if c.user_id in keep]
+  convs = [c for c in schema.read_jsonl(path(pipeline.CONVERSATIONS), schema.Conversation)
+           if c.user_id in keep]
   personas = {}
   if cfg.data.with_persona:
     personas = {p.user_id: p.to_text() for p in schema.read_jsonl(
-        os.path.join(cfg.data.dir, pipeline.PERSONAS), schema.Persona)}
+        path(pipeline.PERSONAS), schema.Persona)}
   examples, stats = inputs.tokenize_conversations(
       fmt, convs, max_length=cfg.data.max_length,
       max_response_length=cfg.data.max_response_length, personas=personas)

@@ -27,6 +27,9 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from rlhi import workdir_lock
+from rlhi.data import pipeline
+
 _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(?:=(.*))?$")
 
 
@@ -120,6 +123,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   raise AssertionError("unreachable")
 
 
+# Errors whose message says what to fix.
+_USER_ERRORS = (workdir_lock.WorkdirBusyError, pipeline.MissingInputError,
+                pipeline.StageFailedError)
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
-  """`app.run(main)` with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+  """`app.run(main)` with `parse_flags`; errors that say what to fix print alone.
+
+  A busy work directory, a missing input and a stage over its failure budget end the
+  run with exit status 1 and their message, without a traceback (it would bury the
+  message); every other exception keeps its traceback.
+  """
+
+  def main_with_clear_errors(argv):
+    try:
+      return main(argv)
+    except _USER_ERRORS as e:
+      sys.stderr.write(f"ERROR: {e}\n")
+      sys.exit(1)
+
+  app.run(main_with_clear_errors, flags_parser=parse_flags)

@@ -215,7 +215,7 @@ def test_permanent_failures_go_to_rejects_and_a_rerun_completes_only_them(
   assert _read(tmp_path / "follow_ups.jsonl") == _read(ref_dir / "follow_ups.jsonl")
 
 
-def test_bad_answers_are_reasked_once_then_rejected(tmp_path):
+def test_bad_answers_are_reasked_once_then_rejected_and_a_rerun_heals_them(tmp_path):
   cfg = _cfg()
   _run(cfg, tmp_path, ("ingest",))
   texts = sorted(BY_FOLLOW_UP)
@@ -223,12 +223,23 @@ def test_bad_answers_are_reasked_once_then_rejected(tmp_path):
   with OpenAIServer(ScriptedLLM(bad_first, always_bad)) as server:
     report = pipeline.run_stage("classify", _cfg(server), str(tmp_path))
     reasks = [r for r in server.requests() if len(r.body["messages"]) == 3]
-  assert report["rejected"] == {"invalid_answer": 2}
-  assert len(reasks) == 5  # one re-ask per bad first answer, no more
-  assert "unknown label 'banana'" in reasks[0].body["messages"][2]["content"]
-  rejects = schema.read_jsonl(tmp_path / "classify_rejects.jsonl", schema.Reject)
-  assert all("not valid JSON" in r.detail and "after re-ask" in r.detail
-             for r in rejects)
+    assert report["rejected"] == {"invalid_answer": 2}
+    assert len(reasks) == 5  # one re-ask per bad first answer, no more
+    assert "unknown label 'banana'" in reasks[0].body["messages"][2]["content"]
+    rejects = schema.read_jsonl(tmp_path / "classify_rejects.jsonl", schema.Reject)
+    assert all("not valid JSON" in r.detail and "after re-ask" in r.detail
+               for r in rejects)
+
+    # The rejected answers did not stay in the request cache: once the server is
+    # healthy, a re-run heals the two rejected items by sending exactly their first
+    # requests again (the three saved by their re-ask come from the cache).
+    server.configure(responder=ScriptedLLM())
+    server.clear()
+    report = pipeline.run_stage("classify", _cfg(server), str(tmp_path))
+    sent = [r.body["messages"] for r in server.requests()]
+  assert report["rejected"] == {}
+  assert sorted(_item(m[0]["content"]) for m in sent) == sorted(always_bad)
+  assert all(len(m) == 1 for m in sent)  # first requests, no re-asks
 
 
 def test_target_text_never_reaches_a_persona(tmp_path):

@@ -21,9 +21,11 @@ import pytest
 
 from configs import eval as eval_config
 from rlhi import sharding
+from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.eval import items as items_lib
 from rlhi.eval import judges
+from rlhi.eval import report as report_lib
 from rlhi.eval import reward_eval
 from rlhi.eval import stats
 from rlhi.eval import systems
@@ -344,6 +346,7 @@ def test_unparseable_judge_answers_are_reasked_once_then_counted(data_dir, tmp_p
 
   with OpenAIServer(responder) as server:
     cfg = _llm_cfg(data_dir, server, answers, 8)
+    cfg.max_failure_fraction = 0.25  # 4 of 16 judgements fail: counted, not fatal
     report = usereval.run_usereval(cfg, str(tmp_path / "run"))
     log = server.requests()
   reasks = [r for r in log if len(r.body["messages"]) > 1]
@@ -368,8 +371,13 @@ def test_answers_a_system_cannot_give_are_counted_and_left_out(data_dir, checkpo
     cfg = _llm_cfg(data_dir, server, "", max_items=5)
     cfg.systems.b = eval_config.get_config(f"ckpt={checkpoint}").systems.b
     cfg.generation.max_prompt_tokens = 1  # every prompt is too long: nothing generated
-    report = usereval.run_usereval(cfg, str(tmp_path / "run"))
+    # A run whose system B answered nothing fails, after writing its report.
+    with pytest.raises(pipeline.StageFailedError,
+                       match=r"usereval generation: 5 of 10 items failed"):
+      usereval.run_usereval(cfg, str(tmp_path / "run"))
     assert server.counters()["requests"] == 0
+  with open(tmp_path / "run" / report_lib.JSON_FILE, encoding="utf-8") as f:
+    report = json.load(f)
   assert report["generation"]["systems"]["b"] == {
       "answered": 0, "reused": 0, "failed": 5,
       "failures_by_reason": {"prompt_too_long": 5}}

@@ -141,12 +141,42 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
+class MissingInputError(FileNotFoundError):
+  """A file that an earlier stage makes is not there; the message says how to make it."""
+
+
+def _making_stage(name: str) -> str | None:
+  if name in (CONVERSATIONS, USERS, SPLITS):
+    return "ingest"
+  if name == FOLLOW_UPS:
+    return "classify"
+  if name == PERSONAS:
+    return "persona"
+  if name.startswith(PAIRS.split("{")[0]) or name == PAIRS_HF:
+    return "rewrites"
+  return None
+
+
+def input_path(data_dir: str, name: str, *, field: str = "config.data.dir") -> str:
+  """`data_dir/name`, or MissingInputError naming the command that makes it.
+
+  `field` is the config field (or flag) that set data_dir, for the error message.
+  """
+  path = os.path.join(data_dir, name)
+  if fileio.exists(path):
+    return path
+  stage = _making_stage(os.path.basename(name))
+  how = (f"make it with `python -m experiments.prepare_data --config "
+         f"configs/data_prep.py:sample --workdir {data_dir} --stage {stage}` (or "
+         f"--stage all; use your own data-prep config for real data), or "
+         if stage else "")
+  raise MissingInputError(f"{path} not found: {how}point {field} at a data-prep "
+                          f"directory that holds {name}")
+
+
 def _read(workdir: str, name: str, cls, stage: str):
-  path = os.path.join(workdir, name)
-  if not fileio.exists(path):
-    raise FileNotFoundError(f"{path} not found: stage '{stage}' needs the outputs of the "
-                            f"stages before it in the same --workdir")
-  return schema.read_jsonl(path, cls)
+  del stage  # the error names the stage that makes the file
+  return schema.read_jsonl(input_path(workdir, name, field="--workdir"), cls)
 
 
 def make_client(client_cfg, workdir: str, cache_name: str = LLM_CACHE

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from rlhi import fileio
 from rlhi.data import pipeline
 from rlhi.data import schema
 
@@ -67,13 +65,8 @@ def load_items(data_dir: str, *, max_items: int = 0, max_turns_per_user: int = 0
   """
   if split not in schema.SPLITS:
     raise ValueError(f"usereval: split {split!r} is not one of {schema.SPLITS}")
-  paths = {name: os.path.join(data_dir, name) for name in
+  paths = {name: pipeline.input_path(data_dir, name) for name in
            (pipeline.CONVERSATIONS, pipeline.USERS, pipeline.PERSONAS)}
-  for name, path in paths.items():
-    if not fileio.exists(path):
-      raise FileNotFoundError(f"{path} not found: config.data.dir must be a data-prep "
-                              f"workdir (python -m experiments.prepare_data ... --stage "
-                              f"all) holding {name}")
   conversations = {c.conversation_hash: c for c in schema.read_jsonl(
       paths[pipeline.CONVERSATIONS], schema.Conversation)}
   users = [u for u in schema.read_jsonl(paths[pipeline.USERS], schema.User)

@@ -71,11 +71,8 @@ def evaluate_reward_model(path: str, data_dir: str, *,
   input_stats: dict[str, Any] = {}
   sets = {}
   for split in splits:
-    file = os.path.join(data_dir, pipeline.PAIRS.format(split=split))
-    if not fileio.exists(file):
-      raise FileNotFoundError(f"{file} not found: config.reward_eval.splits names "
-                              f"{split!r}, but the data-prep workdir {data_dir} has no "
-                              f"pairs for it (run the rewrites stage)")
+    file = pipeline.input_path(data_dir, pipeline.PAIRS.format(split=split),
+                               field="config.data.dir (config.reward_eval.splits)")
     for persona in (True, False):
       sets[(split, persona)], st = inputs.pairs_source(
           file, fmt, with_persona=persona, max_length=max_length,

@@ -63,7 +63,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
   fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
 
   def pairs(split, with_persona, pattern=cfg.data.pairs):
-    path = os.path.join(cfg.data.dir, pattern.format(split=split))
+    path = pipeline.input_path(cfg.data.dir, pattern.format(split=split))
     examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
                                       max_length=cfg.data.max_length,
                                       max_response_length=cfg.data.max_response_length)
