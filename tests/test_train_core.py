@@ -134,33 +134,48 @@ def test_restore_onto_a_sharded_target(tmp_path):
   ck.close()
 
 
-def test_loop_stops_on_a_non_finite_step_and_saves_nothing_after_it(tmp_path):
-  """The whole loop in process on a toy task whose loss turns NaN at step 3."""
-  import flax.linen as nn
-  import ml_collections
+def _toy_loss(params, batch, rng):
+  del rng
+  x = batch["tokens"].astype(jnp.float32) / 100.0
+  n = batch["loss_mask"].sum()
+  return ((x * params["w"][0] - 1.0) ** 2 * batch["loss_mask"]).sum(), (n, {})
 
-  def loss_fn(params, batch, rng):
-    del rng
-    x = batch["tokens"].astype(jnp.float32) / 100.0
-    n = batch["loss_mask"].sum()
-    # Adam moves w by ~lr per step: the 4th step's loss is NaN.
-    poison = jnp.where(jnp.abs(params["w"][0] - 0.5) > 0.12, jnp.nan, 0.0)
-    return ((x * params["w"][0] - 1.0) ** 2 * batch["loss_mask"]).sum() + poison, (n, {})
 
-  examples = [{"tokens": np.arange(1, 9, dtype=np.int32),
-               "loss_mask": np.ones(8, np.int32)} for _ in range(16)]
+def toy_task(loss_fn=_toy_loss):
+  """A loop.Task that trains in a fraction of a second: w[0] fits (tokens/100) * w = 1
+  on 16 examples that differ, so the input position matters on resume."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  examples = [{"tokens": np.arange(1, 9, dtype=np.int32) + i,
+               "loss_mask": np.ones(8, np.int32)} for i in range(16)]
   abstract = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((2,), jnp.float32),
                                            ("embed",))}
-  cfg = ml_collections.ConfigDict(dict(
-      seed=0, total_steps=10, batch_size=4, accum_steps=1, log_every=100, eval_every=0,
-      mesh=dict(fsdp=-1), data=dict(bucket_lengths=(8,)),
-      optimizer=dict(lr=0.05, warmup_steps=0, decay="constant", clip_norm=0.0),
-      checkpoint=dict(every=2, keep=5, keep_every=0, use_async=False)))
-  task = loop.Task(name="toy", loss_fn=loss_fn, abstract_params=abstract,
+  return loop.Task(name="toy", loss_fn=loss_fn, abstract_params=abstract,
                    init_params=lambda s: jax.device_put({"w": jnp.full((2,), 0.5)}, s),
                    train_examples=examples, pad_id=0)
+
+
+def toy_config(total_steps=10, log_every=100, **checkpoint):
+  """The loop config for `toy_task`: batch 4, Adam lr 0.05, a checkpoint every 2 steps
+  (keep 5, synchronous) unless `checkpoint` overrides it."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      seed=0, total_steps=total_steps, batch_size=4, accum_steps=1, log_every=log_every,
+      eval_every=0, mesh=dict(fsdp=-1), data=dict(bucket_lengths=(8,)),
+      optimizer=dict(lr=0.05, warmup_steps=0, decay="constant", clip_norm=0.0),
+      checkpoint={**dict(every=2, keep=5, keep_every=0, use_async=False), **checkpoint}))
+
+
+def test_loop_stops_on_a_non_finite_step_and_saves_nothing_after_it(tmp_path):
+  """The whole loop in process on a toy task whose loss turns NaN at step 3."""
+
+  def loss_fn(params, batch, rng):
+    # Adam moves w by ~lr per step: the 4th step's loss is NaN.
+    poison = jnp.where(jnp.abs(params["w"][0] - 0.5) > 0.12, jnp.nan, 0.0)
+    loss, aux = _toy_loss(params, batch, rng)
+    return loss + poison, aux
+
   with pytest.raises(loop.NonFiniteError, match="non-finite loss"):
-    loop.train(cfg, str(tmp_path), task)
+    loop.train(toy_config(), str(tmp_path), toy_task(loss_fn))
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [2]  # saved before the bad step (4); nothing from or after it
 
