@@ -161,8 +161,11 @@ def validate(launches: Sequence[Launch], extra: Sequence[str]) -> None:
       resolve_config(launch.config, [*common, *config_overrides(launch.flags)])
     except Exception as e:  # noqa: BLE001  (config files raise anything)
       # The error alone: absl's usage text would bury it.
+      overrides = [*common, *config_overrides(launch.flags)]
+      why = (cli.explain_override(cli.load_config(launch.config), overrides,
+                                  launch.config) or f"{type(e).__name__}: {e}")
       sys.exit(f"sweep run {launch.index} ({launch.name}): its config does not build, "
-               f"nothing was run.\n  {type(e).__name__}: {e}\n  config: {launch.config}"
+               f"nothing was run.\n  {why}\n  config: {launch.config}"
                f"\n  flags: {shlex.join(launch.flags)}")
 
 

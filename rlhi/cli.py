@@ -87,7 +87,7 @@ def _config_name(argv: Sequence[str]) -> str:
   return "the config"
 
 
-def _load_config(spec: str) -> Any:
+def load_config(spec: str) -> Any:
   """`get_config(arg)` of 'path/to/file.py[:arg]' (as ml_collections loads it), or None.
 
   Only used to explain an error: the config flag holds no value once its overrides
@@ -118,7 +118,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     name = _config_name(argv)
-    _fail(explain_override(_load_config(name), argv, name)
+    _fail(explain_override(load_config(name), argv, name)
           or f"{type(e).__name__}: {e}")
   raise AssertionError("unreachable")
 

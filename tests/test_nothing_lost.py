@@ -217,7 +217,7 @@ def test_a_misspelled_override_names_the_flag_and_the_closest_fields():
     (["--config.total_steps=3"], None),
 ])
 def test_explain_override(argv, want):
-  config = cli._load_config("configs/dpo.py")  # pylint: disable=protected-access
+  config = cli.load_config("configs/dpo.py")
   got = cli.explain_override(config, argv, "configs/dpo.py")
   assert (got is None) if want is None else got.startswith(want), got
 
