@@ -10,7 +10,11 @@ filesystem through fsspec.
 
 import contextlib
 import importlib
+import json
 import os
+import socket
+import subprocess
+import sys
 import struct
 
 from etils import epath
@@ -512,3 +516,24 @@ def test_generated_answers_are_appended_to_a_gcs_file(gcs):
   records, rejects = systems.read_records(out)
   assert not rejects and len(records) == 7 and records[0] == {"earlier": "line"}
   assert [r["item_id"] for r in records[1:]] == [f"i{k}" for k in range(6)]
+
+
+def test_a_remote_workdir_lock_names_its_holder_and_takes_over_a_dead_one(gcs):
+  lock = "gs://b/run/" + workdir_lock.LOCK_FILE
+  other = {"host": "tpu-vm-7", "pid": 12, "command": "train_dpo", "since": "then"}
+  fileio.makedirs("gs://b/run")
+  fileio.write_bytes(lock, json.dumps(other).encode())
+  with pytest.raises(workdir_lock.WorkdirBusyError,
+                     match=r"in use by `train_dpo` \(pid 12 on host tpu-vm-7.*If that "
+                           r"run is dead, delete gs://b/run/\.rlhi\.lock"):
+    with workdir_lock.hold("gs://b/run", "train_sft"):
+      pass
+  # A holder on this host whose process is gone: the lock is taken over, then removed.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  fileio.write_bytes(lock, json.dumps(other | {"host": socket.gethostname(),
+                                               "pid": int(dead.stdout)}).encode())
+  with workdir_lock.hold("gs://b/run", "train_sft"):
+    assert json.loads(fileio.read_bytes(lock))["pid"] == os.getpid()
+  assert not fileio.exists(lock)
+  assert "/b/run/.rlhi.lock" not in gcs

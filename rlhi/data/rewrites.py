@@ -165,13 +165,17 @@ def make_pairs(client: InferenceClient, follow_ups: Sequence[FollowUp],
                        "(config.policy_client)")
     # The base policy answers the same prompt, without the persona: the pair then
     # contrasts what the policy does now with what the user wanted.
-    regen = policy_client.chat([ChatRequest(
+    regen_requests = [ChatRequest(
         key=f"regenerate/{f.conversation_hash}/{f.message_index - 1}",
         messages=tuple(m.to_chat() for m in
                        conv_by_hash[f.conversation_hash].messages[:f.message_index - 1]),
         temperature=cfg.regenerate_temperature, max_tokens=cfg.max_tokens)
-        for f in chosen_items], desc="regenerate")
+        for f in chosen_items]
+    regen = policy_client.chat(regen_requests, desc="regenerate")
     regenerated = {r.key: r for r in regen}
+    # An empty regeneration is set aside below; a re-run asks for it again.
+    policy_client.forget([q for q, r in zip(regen_requests, regen)
+                          if r.text is not None and not r.text.strip()])
 
   pairs, failed = [], {}
   for f, req, res in zip(chosen_items, requests, results):
