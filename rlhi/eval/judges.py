@@ -16,8 +16,8 @@ guessed. Requests go through the client's SQLite cache, so a re-run asks nothing
 Reward-model judge: scores each answer with the persona in the system slot (the
 template the RM was trained with), the two answers of a pair after the same (possibly
 truncated) context; the higher score wins, equal scores tie. It judges
-'overall' only. Its scores do not depend on the order, so both orders get the same
-verdict; the two records keep the statistics identical in form to the LLM judge's.
+'overall' only. Its scores do not depend on the order, so each pair is judged once
+(order 'any', rlhi.eval.stats.ANY_ORDER).
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def _winner(choice: str, order: str) -> str:
 
 def _record(pair: Pair, order: str, **fields: Any) -> dict[str, Any]:
   return {"item_id": pair.item.item_id, "turn_type": pair.item.turn_type,
-          "order": order, "shown_first": order[0], **fields}
+          "order": order, "shown_first": order[0] if order in stats.ORDERS else None,
+          **fields}
 
 
 def judge_llm(client: client_lib.InferenceClient, pairs: Sequence[Pair], *,
@@ -257,15 +258,15 @@ class RewardModelJudge:
     return out
 
   def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
-    """Both orders of every pair; one record per (pair, order)."""
+    """One record per pair, order 'any': the scores do not depend on the order."""
     out = []
     for pair, scores in zip(pairs, self.score_pairs(pairs)):
-      for order in stats.ORDERS:
-        if isinstance(scores, str):
-          out.append(_record(pair, order, scores=None, winners=None, error=scores))
-          continue
-        sa, sb = scores
-        winner = "b" if sb > sa else "a" if sa > sb else "tie"
-        out.append(_record(pair, order, scores={"a": sa, "b": sb},
-                           winners={"overall": winner}, error=None))
+      if isinstance(scores, str):
+        out.append(_record(pair, stats.ANY_ORDER, scores=None, winners=None,
+                           error=scores))
+        continue
+      sa, sb = scores
+      winner = "b" if sb > sa else "a" if sa > sb else "tie"
+      out.append(_record(pair, stats.ANY_ORDER, scores={"a": sa, "b": sb},
+                         winners={"overall": winner}, error=None))
     return out

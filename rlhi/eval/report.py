@@ -31,6 +31,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
+def _both_orders(report: Mapping[str, Any]) -> bool:
+  return report["judge"].get("orders", list(stats.ORDERS)) != [stats.ANY_ORDER]
+
+
 def markdown(report: Mapping[str, Any]) -> str:
   a, b = report["systems"]["a"], report["systems"]["b"]
   judge = report["judge"]
@@ -44,10 +48,13 @@ def markdown(report: Mapping[str, Any]) -> str:
       (f"- **Judge**: {judge['description']}; dimensions judged: "
        f"{', '.join(d.replace('_', ' ') for d in dims)}."), "",
       ("Win rate of **B over A**: the share of pairs in which the judge preferred B's "
-       "answer, ties counting half; each pair was judged in both orders (A shown first, "
-       "then B shown first) and an item's score is the mean of the two. 50% means no "
-       f"difference. 95% interval: percentile bootstrap over items (n_boot="
-       f"{report['settings']['n_boot']}, seed {report['settings']['seed']})."), "",
+       "answer, ties counting half; "
+       + ("each pair was judged in both orders (A shown first, then B shown first) and "
+          "an item's score is the mean of the two. " if _both_orders(report) else
+          "the judge scores each answer alone, so each pair was judged once. ")
+       + f"50% means no difference. 95% interval: percentile bootstrap over items "
+       f"(n_boot={report['settings']['n_boot']}, seed {report['settings']['seed']})."),
+      "",
   ]
   rows = []
   for d in dims:
@@ -88,7 +95,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                                                    sorted(failures.items())]), ""]
   jf = report["judge_failures"]
   lines += ["## Judge", "",
-            (f"Judgements: {jf['judgements']} ({report['pairs']} pairs x 2 orders); "
+            (f"Judgements: {jf['judgements']} ({report['pairs']} pairs"
+             f"{' x 2 orders' if _both_orders(report) else ', judged once'}); "
              f"failed: {jf['failed']} (after one re-ask for the LLM judge; counted, "
              f"never guessed; their items are left out of the win rates)."), ""]
   if jf["by_reason"]:

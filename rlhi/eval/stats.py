@@ -1,7 +1,8 @@
 """UserEval statistics: per-item scores, win rates and bootstrap intervals.
 
 Win rate is always that of system B over system A. Each item is judged twice, once with
-A's answer shown first (order 'ab') and once with B's first ('ba'); a judgement's winner
+A's answer shown first (order 'ab') and once with B's first ('ba'), unless the judge
+cannot depend on the order (the reward model: judged once, order 'any'); a winner
 is a *system* ('a', 'b' or 'tie'), already mapped back from the shown position. The
 item's score on a dimension is the mean over the two orders of 1 (B wins), 0.5 (tie)
 and 0 (A wins), so a judge that always prefers the first-shown answer scores every item
@@ -26,6 +27,9 @@ import numpy as np
 
 DIMENSIONS = ("personalization", "instruction_following", "overall")
 ORDERS = ("ab", "ba")
+# The order of a judge whose verdict cannot depend on it (the reward model scores each
+# answer alone): judged once, the verdict is the item's score.
+ANY_ORDER = "any"
 GROUPS = ("initial", "follow_up", "all")
 _POINTS = {"b": 1.0, "tie": 0.5, "a": 0.0}
 
@@ -34,25 +38,27 @@ def item_scores(judgements: Iterable[Mapping[str, Any]], dimensions: Sequence[st
                 ) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
   """({item_id: {dimension: score}}, {item_id: turn_type}) from judgement records.
 
-  A record: {'item_id', 'turn_type', 'order' ('ab' | 'ba'), 'winners': {dimension:
-  'a' | 'b' | 'tie'} or None when the judge failed}. A dimension is scored only when
-  both orders have a winner for it.
+  A record: {'item_id', 'turn_type', 'order' ('ab' | 'ba', or 'any' for an
+  order-independent judge, judged once), 'winners': {dimension: 'a' | 'b' | 'tie'} or
+  None when the judge failed}. A dimension is scored only when both orders (or the one
+  'any' judgement) have a winner for it.
   """
   by_item: dict[str, dict[str, Mapping[str, str] | None]] = collections.defaultdict(dict)
   turn_type: dict[str, str] = {}
   for j in judgements:
-    if j["order"] not in ORDERS:
+    if j["order"] not in (*ORDERS, ANY_ORDER):
       raise ValueError(f"judgement of {j['item_id']}: order {j['order']!r}, expected one "
-                       f"of {ORDERS}")
+                       f"of {(*ORDERS, ANY_ORDER)}")
     by_item[j["item_id"]][j["order"]] = j.get("winners")
     turn_type[j["item_id"]] = j["turn_type"]
   scores: dict[str, dict[str, float]] = {}
   for item_id, orders in by_item.items():
     out = {}
+    needed = (ANY_ORDER,) if ANY_ORDER in orders else ORDERS
     for d in dimensions:
-      winners = [(orders.get(o) or {}).get(d) for o in ORDERS]
+      winners = [(orders.get(o) or {}).get(d) for o in needed]
       if all(w in _POINTS for w in winners):
-        out[d] = sum(_POINTS[w] for w in winners) / len(ORDERS)
+        out[d] = sum(_POINTS[w] for w in winners) / len(needed)
     scores[item_id] = out
   return scores, turn_type
 
@@ -110,7 +116,7 @@ def first_position_rate(judgements: Iterable[Mapping[str, Any]], dimension: str
   points = []
   for j in judgements:
     w = (j.get("winners") or {}).get(dimension)
-    if w in _POINTS:
+    if w in _POINTS and j["order"] != ANY_ORDER:
       first = "a" if j["order"] == "ab" else "b"
       points.append(0.5 if w == "tie" else float(w == first))
   return float(np.mean(points)) if points else None

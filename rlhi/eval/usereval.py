@@ -6,8 +6,8 @@
 Steps (RLHI.md, "Evaluation: WildChat UserEval"):
   1. items     test users' target turns with their history-only personas (items.py)
   2. answers   system A and system B answer every item (systems.py)
-  3. judge     each pair in both orders: an LLM through the inference client, or the
-               reward model offline (judges.py)
+  3. judge     each pair in both orders by an LLM through the inference client, or
+               once by the reward model offline (judges.py)
   4. stats     B's win rate over A per turn type and dimension, bootstrap 95% interval
                (stats.py)
   5. report    usereval.{md,json,png} (report.py)
@@ -17,7 +17,7 @@ reuses answers and cached judge calls):
 
   usereval_items.jsonl         the items (context, persona, original answer)
   usereval_generations.jsonl   every answer of both systems, with failures
-  usereval_judgements.jsonl    every judgement (both orders), with failures
+  usereval_judgements.jsonl    every judgement (both orders for the LLM), with failures
   usereval_rejects.jsonl       what could not be used, with the reason
   usereval_cache.sqlite        the LLM judge's request cache
   usereval.{md,json,png}       the report
@@ -179,7 +179,9 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       "systems": {k: s.describe() for k, s in systems.items()},
       "win_rate_of": "b over a",
       "judge": {"kind": cfg.judge.kind, "description": description,
-                "dimensions": list(dimensions)},
+                "dimensions": list(dimensions),
+                "orders": (list(stats.ORDERS) if cfg.judge.kind == "llm"
+                           else [stats.ANY_ORDER])},
       "win_rates": stats.win_rates(judgements, dimensions, n_boot=cfg.n_boot,
                                    seed=cfg.seed),
       "first_position_rate": stats.first_position_rate(judgements, "overall"),
@@ -196,7 +198,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       "files": {
           ITEMS_FILE: "the items: context, persona, original answer",
           GENERATIONS_FILE: "every answer of both systems, with failures",
-          JUDGEMENTS_FILE: "every judgement in both orders, with failures",
+          JUDGEMENTS_FILE: "every judgement (LLM: both orders), with failures",
           REJECTS_FILE: "what could not be used, with the reason",
           report_lib.PNG_FILE: "the win-rate chart",
       },
