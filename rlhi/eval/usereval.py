@@ -21,6 +21,7 @@ reuses answers and cached judge calls):
   usereval_rejects.jsonl       what could not be used, with the reason
   usereval_cache.sqlite        the LLM judge's request cache
   usereval.{md,json,png}       the report
+  usereval.html                every judged item in a self-contained page (browser.py)
 
 `workdir` and config.data.dir may be local or remote (gs://bucket/dir; see rlhi.fileio).
 With a remote workdir the judge's SQLite cache is a local copy, merged with the
@@ -42,6 +43,7 @@ from typing import Any
 from rlhi import fileio
 from rlhi.data import pipeline
 from rlhi.data import schema
+from rlhi.eval import browser
 from rlhi.eval import items as items_lib
 from rlhi.eval import judges
 from rlhi.eval import report as report_lib
@@ -201,9 +203,12 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
           JUDGEMENTS_FILE: "every judgement (LLM: both orders), with failures",
           REJECTS_FILE: "what could not be used, with the reason",
           report_lib.PNG_FILE: "the win-rate chart",
+          browser.HTML_FILE: "every judged item, with filters and search (open in a "
+                             "browser)",
       },
   }
   report_lib.write(workdir, report)
+  browser.write_for_workdir(workdir)
   # Answers and judgements that failed are in the rejects; too many of them and the win
   # rates mean little, so the run ends non-zero after writing what it has.
   gen_failed = [r for r in rejects if r.source.startswith("generation/")]
