@@ -14,7 +14,7 @@ setuptools.setup(
     package_data={
         "rlhi.data": ["prompts/*.txt", "samples/*.jsonl", "samples/*.md",
                       "samples/source/*.json"],
-        "rlhi.eval": ["prompts/*.txt"],
+        "rlhi.eval": ["prompts/*.txt", "usereval_page.html"],
     },
     # Ranges a user's environment may hold; constraints.txt pins the exact versions the
     # tests pass with (both README commands install with it). JAX-stack packages are

@@ -15,10 +15,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhi import cli
-from rlhi import fileio
 from rlhi import sharding
-from rlhi import workdir_lock
 from rlhi.eval import report as report_lib
+from rlhi.eval import browser
 from rlhi.eval import reward_eval
 from rlhi.eval import usereval
 
@@ -35,30 +34,27 @@ def run(cfg, workdir: str) -> None:
                          "config.reward_eval.enabled are both false")
 
   # ---- UserEval ----------------------------------------------------------------------
+  # One line per report: where it is and its headline number; the numbers are there.
   if cfg.usereval_enabled:
-    usereval.run_usereval(cfg, workdir)
+    report = usereval.run_usereval(cfg, workdir)
     if sharding.is_main_process():
-      print(f"\nWrote {os.path.join(workdir, report_lib.MD_FILE)}:\n")
-      with fileio.open(os.path.join(workdir, report_lib.MD_FILE)) as f:
-        print(f.read())
+      dim = "overall" if "overall" in report["win_rates"] else next(
+          iter(report["win_rates"]))
+      c = report["win_rates"][dim]["all"]
+      rate = ("n/a" if c["win_rate"] is None else f"{100 * c['win_rate']:.1f}% "
+              f"[{100 * c['ci_low']:.1f}%, {100 * c['ci_high']:.1f}%]")
+      print(f"UserEval: B ({report['systems']['b']['label']}) over A "
+            f"({report['systems']['a']['label']}), {dim}, {c['n_items']} items: {rate}. "
+            f"Report: {os.path.join(workdir, report_lib.MD_FILE)}; every item: "
+            f"{os.path.join(workdir, browser.HTML_FILE)}")
 
   # ---- Reward-model accuracy ---------------------------------------------------------
   if cfg.reward_eval.enabled:
     reward_eval.run_reward_eval(cfg, workdir)
     if sharding.is_main_process():
-      path = os.path.join(workdir, f"{reward_eval.REPORT_NAME}_report.md")
-      print(f"\nWrote {path}:\n")
-      with fileio.open(path) as f:
-        print(f.read())
-
-
-def main(argv):
-  del argv
-  sharding.initialize_distributed()
-  with workdir_lock.hold(_WORKDIR.value, "evaluate",
-                          enabled=sharding.is_main_process()):
-    run(_CONFIG.value, _WORKDIR.value)
+      print("Reward-model accuracy: "
+            + os.path.join(workdir, f"{reward_eval.REPORT_NAME}_report.md"))
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(cli.locked_main(run, "evaluate", _CONFIG, _WORKDIR))

@@ -12,8 +12,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhi import cli
-from rlhi import sharding
-from rlhi import workdir_lock
 from rlhi.train import dpo
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -22,13 +20,5 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and export
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  sharding.initialize_distributed()
-  with workdir_lock.hold(_WORKDIR.value, "train_dpo",
-                          enabled=sharding.is_main_process()):
-    dpo.run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(cli.locked_main(dpo.run, "train_dpo", _CONFIG, _WORKDIR))

@@ -13,7 +13,6 @@ from ml_collections import config_flags
 from rlhi import cli
 from rlhi import inputs
 from rlhi import sharding
-from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.models import llama
 from rlhi.models import reward
@@ -35,14 +34,12 @@ def run(cfg, workdir: str) -> None:
   # ---- Tokenizer and data ------------------------------------------------------------
   fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
                               cfg.data.system_template)
-  def pairs(split, with_persona):
-    path = pipeline.input_path(cfg.data.dir, pipeline.PAIRS.format(split=split))
-    examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
-                                      max_length=cfg.data.max_length,
-                                      max_response_length=cfg.data.max_response_length)
-    return examples
-  train_examples = pairs("train", cfg.data.with_persona)
-  evals = {(s, p): pairs(s, p) for s in cfg.eval_splits for p in (True, False)}
+  sets, input_stats = inputs.pair_sets(
+      fmt, cfg.data.dir, [(pipeline.PAIRS, "train", cfg.data.with_persona)] + [
+          (pipeline.PAIRS, s, p) for s in cfg.eval_splits for p in (True, False)],
+      max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length)
+  train_examples = sets.pop(("train", cfg.data.with_persona))
+  evals = sets
 
   # ---- Model -------------------------------------------------------------------------
   mconfig = model_init.model_config(cfg.model)
@@ -73,7 +70,7 @@ def run(cfg, workdir: str) -> None:
 
   # ---- Report ------------------------------------------------------------------------
   if sharding.is_main_process() and not result.preempted:
-    write_report(workdir, cfg, result.final_eval, len(train_examples))
+    write_report(workdir, cfg, result.final_eval, len(train_examples), input_stats)
 
   # ---- Export ------------------------------------------------------------------------
   # For experiments/evaluate.py. Every process calls it (the gathers are collective, as
@@ -84,27 +81,24 @@ def run(cfg, workdir: str) -> None:
                    with_persona=cfg.data.with_persona)
 
 
-def write_report(workdir, cfg, final, n_train):
+def write_report(workdir, cfg, final, n_train, input_stats):
+  stats = loop.input_stats_by_tag(input_stats)
   rows = loop.held_out_rows(final, cfg.eval_splits,
-                           [("accuracy", ".3f"), ("margin", ".3f"), ("loss", ".4f")])
+                            [("accuracy", ".3f"), ("margin", ".3f"), ("loss", ".4f")],
+                            input_stats=stats, accuracy="accuracy")
   md = "\n".join([
       "# Reward model evaluation", "",
       f"Model: {cfg.model.name} (init: {cfg.model.init or 'random'}); trained "
       f"{cfg.total_steps} steps on {n_train} train pairs "
       f"({'with' if cfg.data.with_persona else 'without'} persona).", "",
+      loop.inputs_line(stats, loop.persona_tag("train", cfg.data.with_persona),
+                       max_length=cfg.data.max_length,
+                       max_response_length=cfg.data.max_response_length), "",
       "Held-out users' pairs, scored with the persona in the prompt and without it:", "",
-      "| split | input | pairs | accuracy | mean margin | loss |",
-      "|---|---|---|---|---|---|", *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final), md)
-
-
-def main(argv):
-  del argv
-  sharding.initialize_distributed()
-  with workdir_lock.hold(_WORKDIR.value, "train_reward",
-                          enabled=sharding.is_main_process()):
-    run(_CONFIG.value, _WORKDIR.value)
+      *loop.held_out_header(["accuracy", "mean margin", "loss"], accuracy="accuracy"),
+      *rows, ""])
+  pipeline.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(cli.locked_main(run, "train_reward", _CONFIG, _WORKDIR))

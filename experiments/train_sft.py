@@ -12,7 +12,6 @@ from ml_collections import config_flags
 from rlhi import cli
 from rlhi import inputs
 from rlhi import sharding
-from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.models import hf_io
@@ -79,13 +78,5 @@ def run(cfg, workdir: str) -> None:
       tok_lib.save_tokenizer(tokenizer, export)
 
 
-def main(argv):
-  del argv
-  sharding.initialize_distributed()
-  with workdir_lock.hold(_WORKDIR.value, "train_sft",
-                          enabled=sharding.is_main_process()):
-    run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(cli.locked_main(run, "train_sft", _CONFIG, _WORKDIR))

@@ -13,8 +13,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from rlhi import cli
-from rlhi import sharding
-from rlhi import workdir_lock
 from rlhi.train import user_rewards
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
@@ -23,13 +21,5 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Rounds, checkpoints and reports
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  del argv
-  sharding.initialize_distributed()
-  with workdir_lock.hold(_WORKDIR.value, "user_rewards",
-                          enabled=sharding.is_main_process()):
-    user_rewards.run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(cli.locked_main(user_rewards.run, "user_rewards", _CONFIG, _WORKDIR))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 
 from rlhi import workdir_lock
@@ -128,15 +130,39 @@ _USER_ERRORS = (workdir_lock.WorkdirBusyError, pipeline.MissingInputError,
                 pipeline.StageFailedError)
 
 
+def locked_main(run_fn: Callable[[Any, str], Any], name: str, config: Any, workdir: Any
+                ) -> Callable[[list[str]], None]:
+  """main(argv) of an entry point that trains or evaluates with jax.
+
+  Joins the other hosts of a pod (sharding.initialize_distributed), holds --workdir's
+  lock on process 0 (rlhi/workdir_lock.py; `name` names the holder in a second run's
+  error) and runs `run_fn(config, workdir)`; `config` and `workdir` are the flag
+  holders.
+  """
+
+  def main(argv: list[str]) -> None:
+    del argv
+    # Here, not at the top: prepare_data uses this module and never imports jax.
+    from rlhi import sharding  # pylint: disable=g-import-not-at-top
+    sharding.initialize_distributed()
+    with workdir_lock.hold(workdir.value, name, enabled=sharding.is_main_process()):
+      run_fn(config.value, workdir.value)
+
+  return main
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)` with `parse_flags`; errors that say what to fix print alone.
 
   A busy work directory, a missing input and a stage over its failure budget end the
   run with exit status 1 and their message, without a traceback (it would bury the
-  message); every other exception keeps its traceback.
+  message); every other exception keeps its traceback. RLHI_QUIET=1 in the environment
+  hides library INFO logs (absl, Orbax, JAX); the demo sets it for its stages.
   """
 
   def main_with_clear_errors(argv):
+    if os.environ.get("RLHI_QUIET") == "1":  # the demo's stages: warnings and up only
+      logging.set_verbosity(logging.WARNING)
     try:
       return main(argv)
     except _USER_ERRORS as e:

@@ -47,6 +47,7 @@ from absl import logging
 import grain
 import numpy as np
 
+from rlhi.data import pipeline
 from rlhi.data import schema
 
 DEFAULT_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
@@ -477,6 +478,25 @@ def pairs_source(path: str, fmt, *, with_persona: bool, max_length: int,
                                    max_length=max_length,
                                    max_response_length=max_response_length)
   return hf_source(examples), stats
+
+
+def pair_sets(fmt, data_dir: str, wanted: Sequence[tuple[str, str, bool]], *,
+              max_length: int, max_response_length: int | None = None
+              ) -> tuple[dict[tuple[str, bool], Any], dict[tuple[str, bool], InputStats]]:
+  """Tokenized pair sets from a data-prep directory, with their counts.
+
+  `wanted` lists (pattern, split, with_persona), the pattern a file name such as
+  'pairs_rewrites.{split}.jsonl'; returns ({(split, with_persona): examples},
+  {(split, with_persona): InputStats}). A missing file is an error naming the command
+  that makes it (rlhi.data.pipeline.input_path).
+  """
+  sets, stats = {}, {}
+  for pattern, split, with_persona in wanted:
+    path = pipeline.input_path(data_dir, pattern.format(split=split))
+    sets[split, with_persona], stats[split, with_persona] = pairs_source(
+        path, fmt, with_persona=with_persona, max_length=max_length,
+        max_response_length=max_response_length)
+  return sets, stats
 
 
 def conversations_source(path: str, fmt, *, max_length: int,

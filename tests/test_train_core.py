@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlhi import inputs
 from rlhi.train import checkpoint as ckpt_lib
 from rlhi.train import loop
 from rlhi.train import optimizer as opt_lib
@@ -189,3 +190,38 @@ def test_held_out_rows_list_the_sets_with_examples():
                             [("accuracy", ".3f"), ("loss", ".4f")])
   assert rows == ["| val | persona | 3 | 0.667 | 0.5123 |",
                   "| test | no persona | 4 | 0.250 | 1.0000 |"]
+  # With the input counts every set that was read has a row (an empty one too), and
+  # the accuracy gets its Wilson interval.
+  stats = loop.input_stats_by_tag({
+      ("val", True): inputs.InputStats(examples=4, kept=3, truncated=1,
+                                       dropped={"too_long": 1}),
+      ("val", False): inputs.InputStats(examples=2, kept=0, dropped={"too_long": 2})})
+  rows = loop.held_out_rows(metrics, ("val",), [("accuracy", ".3f"), ("loss", ".4f")],
+                            input_stats=stats, accuracy="accuracy")
+  lo, hi = _wilson_by_bisection(2, 3)
+  assert rows == [f"| val | persona | 3 | 0.667 | [{lo:.2f}, {hi:.2f}] | 0.5123 | 1 | "
+                  f"too_long 1 |",
+                  "| val | no persona | 0 | n/a | n/a | n/a | 0 | too_long 2 |"]
+  assert len(loop.held_out_header(["accuracy", "loss"], accuracy="accuracy")[0].split(
+      "|")) == len(rows[0].split("|"))
+
+
+def _wilson_by_bisection(k, n, z=1.96):
+  """The Wilson interval's ends as the roots of |p - k/n| = z sqrt(p (1 - p) / n),
+  found by bisection (not the closed form that loop.wilson_interval uses)."""
+  f = lambda p: abs(p - k / n) - z * (p * (1 - p) / n) ** 0.5
+
+  def root(a, b):
+    for _ in range(200):
+      m = (a + b) / 2
+      a, b = (m, b) if (f(a) > 0) == (f(m) > 0) else (a, m)
+    return (a + b) / 2
+
+  return root(0.0, k / n), root(k / n, 1.0)
+
+
+def test_wilson_interval_matches_its_definition():
+  for k, n in [(0, 8), (8, 8), (2, 3), (27, 36), (5, 11)]:
+    lo, hi = loop.wilson_interval(k, n)
+    want = _wilson_by_bisection(k, n)
+    assert (lo, hi) == pytest.approx(want, abs=1e-9), (k, n)

@@ -68,6 +68,17 @@ def markdown(report: Mapping[str, Any]) -> str:
                     "B wins / ties / losses (judgements)", "items excluded"], rows), "",
             f"![win rates]({PNG_FILE})", ""]
 
+  ln = report.get("length")
+  if ln and ln["n_items"]:
+    lines += [
+        (f"**Length check** ({ln['dimension']}, {ln['n_items']} items): median answer "
+         f"length A {ln['median_chars']['a']:.0f}, B {ln['median_chars']['b']:.0f} "
+         f"characters; the longer answer won {_pct(ln['longer_won'])} of items with "
+         f"different lengths; **length-controlled win rate of B: "
+         f"{_pct(ln['win_rate_lc'])}** (logistic fit of the item scores on "
+         f"tanh(length difference / sd), AlpacaEval 2's LC idea: B's win rate at equal "
+         f"length; length coefficient {ln['length_coef']:+.2f}). A win rate that falls "
+         f"to ~50% here was a length effect."), ""]
   it = report["items"]
   lines += [
       "## Items", "",

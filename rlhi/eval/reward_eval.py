@@ -68,40 +68,26 @@ def evaluate_reward_model(path: str, data_dir: str, *,
   config, params = reward_io.load(path, mesh)
   eval_step = jax.jit(step_lib.make_eval_step(objectives.reward_loss(config)))
 
-  input_stats: dict[str, Any] = {}
-  sets = {}
-  for split in splits:
-    file = pipeline.input_path(data_dir, pipeline.PAIRS.format(split=split),
-                               field="config.data.dir (config.reward_eval.splits)")
-    for persona in (True, False):
-      sets[(split, persona)], st = inputs.pairs_source(
-          file, fmt, with_persona=persona, max_length=max_length,
-          max_response_length=max_response_length)
-      input_stats[loop.persona_tag(split, persona)] = st.to_dict()
+  sets, input_stats = inputs.pair_sets(
+      fmt, data_dir, [(pipeline.PAIRS, s, p) for s in splits for p in (True, False)],
+      max_length=max_length, max_response_length=max_response_length)
   with sharding.use_mesh(mesh):
     metrics = loop.evaluate_held_out(eval_step, params, sets, batch_size=batch_size,
                                      pad_id=fmt.pad_id, bucket_lengths=bucket_lengths,
                                      post=objectives.with_reward_std)
-  return {"metrics": metrics, "inputs": input_stats,
+  return {"metrics": metrics,
+          "inputs": loop.input_stats_by_tag(input_stats),
+          "max_length": max_length, "max_response_length": max_response_length,
           "reward_model": path if fileio.is_remote(path) else os.path.abspath(path),
           "system_template": template,
           "trained_with_persona": meta.get("with_persona")}
 
 
 def markdown(result: Mapping[str, Any], splits: Sequence[str]) -> str:
-  m = result["metrics"]
-  rows = []
-  for split in splits:
-    for p in ("persona", "no_persona"):
-      tag = f"{split}_{p}"
-      dropped = result["inputs"][tag]["num_dropped"]
-      if not m.get(f"{tag}/count"):
-        rows.append(f"| {split} | {p.replace('_', ' ')} | 0 | n/a | n/a | n/a | "
-                    f"{dropped} |")
-        continue
-      rows.append(f"| {split} | {p.replace('_', ' ')} | {int(m[f'{tag}/count'])} | "
-                  f"{m[f'{tag}/accuracy']:.3f} | {m[f'{tag}/margin']:.3f} | "
-                  f"{m[f'{tag}/loss']:.4f} | {dropped} |")
+  from rlhi.train import loop  # pylint: disable=g-import-not-at-top
+  rows = loop.held_out_rows(result["metrics"], splits,
+                            [("accuracy", ".3f"), ("margin", ".3f"), ("loss", ".4f")],
+                            input_stats=result["inputs"], accuracy="accuracy")
   trained = result.get("trained_with_persona")
   return "\n".join([
       "# Reward model evaluation", "",
@@ -112,8 +98,11 @@ def markdown(result: Mapping[str, Any], splits: Sequence[str]) -> str:
        "user-guided rewrite), scored with the persona in the system slot and without it. "
        "Accuracy: share of pairs where r(chosen) > r(rejected); margin: mean "
        "r(chosen) - r(rejected)."), "",
-      "| split | input | pairs | accuracy | mean margin | loss | pairs too long |",
-      "|---|---|---|---|---|---|---|", *rows, ""])
+      (f"Inputs fitted to max_length {result['max_length']} tokens (responses to "
+       f"{result['max_response_length'] or result['max_length']}); truncated pairs are "
+       f"scored on what fits, dropped ones not at all (counted below)."), "",
+      *loop.held_out_header(["accuracy", "mean margin", "loss"], accuracy="accuracy"),
+      *rows, ""])
 
 
 def run_reward_eval(cfg, workdir: str) -> dict[str, Any]:

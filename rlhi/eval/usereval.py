@@ -65,6 +65,16 @@ def _processes() -> tuple[bool, int]:
   return sharding.is_main_process(), jax.process_count()
 
 
+def _length_check(judgements, pairs, dimensions) -> dict[str, Any]:
+  """stats.length_controlled on the items scored on 'overall' (or the first dimension)."""
+  dim = "overall" if "overall" in dimensions else dimensions[0]
+  scores, _ = stats.item_scores(judgements, [dim])
+  scored = [(scores[p.item.item_id][dim], len(p.answer_a), len(p.answer_b))
+            for p in pairs if dim in scores.get(p.item.item_id, {})]
+  return {"dimension": dim, **stats.length_controlled(
+      [x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored])}
+
+
 def _rejects(source: str, failures: dict[str, str]) -> list[schema.Reject]:
   return [schema.Reject(source=source, line=0, reason=pipeline.reason_code(reason),
                         detail=reason, key=key)
@@ -187,6 +197,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       "win_rates": stats.win_rates(judgements, dimensions, n_boot=cfg.n_boot,
                                    seed=cfg.seed),
       "first_position_rate": stats.first_position_rate(judgements, "overall"),
+      "length": _length_check(judgements, pairs, dimensions),
       "items": itemset.counts,
       "pairs": len(pairs),
       "generation": {"systems": gen_report,

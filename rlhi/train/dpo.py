@@ -62,15 +62,12 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
   tokenizer = tok_lib.load_tokenizer(tok_name)
   fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
 
-  def pairs(split, with_persona, pattern=cfg.data.pairs):
-    path = pipeline.input_path(cfg.data.dir, pattern.format(split=split))
-    examples, _ = inputs.pairs_source(path, fmt, with_persona=with_persona,
-                                      max_length=cfg.data.max_length,
-                                      max_response_length=cfg.data.max_response_length)
-    return examples
-  train_examples = pairs("train", cfg.data.with_persona)
-  evals = {(s, p): pairs(s, p, cfg.data.eval_pairs) for s in cfg.eval_splits
-           for p in (True, False)}
+  sets, input_stats = inputs.pair_sets(
+      fmt, cfg.data.dir, [(cfg.data.pairs, "train", cfg.data.with_persona)] + [
+          (cfg.data.eval_pairs, s, p) for s in cfg.eval_splits for p in (True, False)],
+      max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length)
+  train_examples = sets.pop(("train", cfg.data.with_persona))
+  evals = sets
 
   # ---- Models: policy and reference --------------------------------------------------
   mconfig = model_init.model_config(cfg.model)
@@ -123,15 +120,16 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
     hf_io.save_checkpoint(result.state.params, mconfig, export)
     if sharding.is_main_process():
       tok_lib.save_tokenizer(tokenizer, export)
-      write_report(workdir, cfg, result.final_eval, len(train_examples))
+      write_report(workdir, cfg, result.final_eval, len(train_examples), input_stats)
   return result
 
 
-def write_report(workdir, cfg, final, n_train):
+def write_report(workdir, cfg, final, n_train, input_stats):
+  stats = loop.input_stats_by_tag(input_stats)
   rows = loop.held_out_rows(final, cfg.eval_splits, [
       ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"),
       ("rewards/chosen", ".4f"), ("rewards/rejected", ".4f"), ("kl_proxy", ".4f"),
-      ("loss", ".4f")])
+      ("loss", ".4f")], input_stats=stats, accuracy="rewards/accuracies")
   md = "\n".join([
       "# DPO evaluation", "",
       f"Policy: {cfg.model.name} from {cfg.model.init or 'random init'}; reference: "
@@ -139,8 +137,11 @@ def write_report(workdir, cfg, final, n_train):
       f"({cfg.reference.mode}); loss {cfg.loss.type} (beta={cfg.loss.beta}); "
       f"{cfg.total_steps} steps on {n_train} train pairs "
       f"({'with' if cfg.data.with_persona else 'without'} persona).", "",
+      loop.inputs_line(stats, loop.persona_tag("train", cfg.data.with_persona),
+                       max_length=cfg.data.max_length,
+                       max_response_length=cfg.data.max_response_length), "",
       "Held-out users' pairs (rewards = beta x policy/reference log-ratio):", "",
-      "| split | input | pairs | reward accuracy | margin | chosen | rejected | "
-      "kl proxy | loss |",
-      "|---|---|---|---|---|---|---|---|---|", *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final), md)
+      *loop.held_out_header(["reward accuracy", "margin", "chosen", "rejected",
+                             "kl proxy", "loss"], accuracy="rewards/accuracies"),
+      *rows, ""])
+  pipeline.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -74,13 +75,46 @@ def train(cfg, workdir: str, task: Task, mesh: jax.sharding.Mesh | None = None
   return _train(cfg, workdir, task, mesh, rules)
 
 
+@dataclasses.dataclass
+class UpdateStep:
+  """The optimizer, state layout and jitted update step that `train` runs."""
+  optimizer: Any
+  schedule: Callable[[int], Any]
+  abstract_state: Any  # boxed with logical axis names
+  state_shardings: Any
+  jitted: Callable  # (state, batch[, frozen]) -> (state, metrics), state donated
+
+
+def update_step(cfg, loss_fn: step_lib.LossFn, abstract_params: Any,
+                mesh: jax.sharding.Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES,
+                frozen_shardings: Any = None) -> UpdateStep:
+  """Builds what `train` compiles; rlhi/aot compiles the same for a TPU topology.
+
+  `frozen_shardings` are those of Task.frozen (None when the task has none).
+  """
+  optimizer, schedule = opt_lib.make_optimizer(cfg.optimizer, int(cfg.total_steps))
+  abstract_state = jax.eval_shape(
+      lambda: step_lib.init_state(abstract_params, optimizer, cfg.seed))
+  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
+  update = step_lib.make_train_step(loss_fn, optimizer, cfg.accum_steps)
+  if frozen_shardings is None:
+    jitted = jax.jit(update, in_shardings=(state_shardings, None),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+  else:
+    jitted = jax.jit(update, in_shardings=(state_shardings, None, frozen_shardings),
+                     out_shardings=(state_shardings, None), donate_argnums=0)
+  return UpdateStep(optimizer, schedule, abstract_state, state_shardings, jitted)
+
+
 def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
   total = int(cfg.total_steps)
   # ---- Optimizer and state shardings ---------------------------------------------------
-  optimizer, schedule = opt_lib.make_optimizer(cfg.optimizer, total)
-  abstract_state = jax.eval_shape(
-      lambda: step_lib.init_state(task.abstract_params, optimizer, cfg.seed))
-  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
+  frozen_shardings = (None if task.frozen is None else
+                      jax.tree.map(lambda x: x.sharding, task.frozen))
+  built = update_step(cfg, task.loss_fn, task.abstract_params, mesh, rules,
+                      frozen_shardings)
+  optimizer, schedule = built.optimizer, built.schedule
+  abstract_state, state_shardings = built.abstract_state, built.state_shardings
 
   # ---- Checkpoint restore, or init -----------------------------------------------------
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -112,15 +146,10 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
     batches.set_state(data_state)
 
   # ---- Update step -------------------------------------------------------------------
-  update = step_lib.make_train_step(task.loss_fn, optimizer, cfg.accum_steps)
   if task.frozen is None:
-    train_step = jax.jit(update, in_shardings=(state_shardings, None),
-                         out_shardings=(state_shardings, None), donate_argnums=0)
+    train_step = built.jitted
   else:
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, task.frozen)
-    jitted = jax.jit(update, in_shardings=(state_shardings, None, frozen_shardings),
-                     out_shardings=(state_shardings, None), donate_argnums=0)
-    train_step = lambda state, batch: jitted(state, batch, task.frozen)
+    train_step = lambda state, batch: built.jitted(state, batch, task.frozen)
 
   # ---- Loop --------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, total, initial_step=start, desc=task.name)
@@ -225,20 +254,80 @@ def persona_tag(split: str, with_persona: bool) -> str:
   return f"{split}_{'persona' if with_persona else 'no_persona'}"
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """Wilson score interval of a binomial proportion (95% by default).
+
+  Unlike the normal approximation it stays inside [0, 1] and is honest at the small n
+  of held-out pair sets (8 pairs at 100% accuracy: [0.68, 1.00]).
+  """
+  if n <= 0:
+    return float("nan"), float("nan")
+  p = successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out_header(columns: Sequence[str], *, accuracy: str = "",
+                    with_inputs: bool = True) -> list[str]:
+  """The header lines of `held_out_rows`' table, for `columns` (display names)."""
+  names = ["split", "input", "pairs", *columns]
+  if accuracy:
+    names.insert(4, "95% CI (Wilson)")
+  if with_inputs:
+    names += ["truncated", "dropped"]
+  return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def held_out_rows(metrics: Mapping[str, float], splits: Sequence[str],
-                  columns: Sequence[tuple[str, str]]) -> list[str]:
-  """Markdown rows '| split | persona | count | values |' of `evaluate_held_out`'s
-  metrics, one per held-out set that has examples; `columns` are (metric, format spec),
-  e.g. ('accuracy', '.3f')."""
+                  columns: Sequence[tuple[str, str]], *,
+                  input_stats: Mapping[str, Mapping[str, Any]] | None = None,
+                  accuracy: str = "") -> list[str]:
+  """Markdown rows '| split | persona | count | values | truncated | dropped |' of
+  `evaluate_held_out`'s metrics, one per held-out set that was read; `columns` are
+  (metric, format spec), e.g. ('accuracy', '.3f'). `accuracy` names the column (the
+  first of `columns`) that gets a Wilson interval next to it; `input_stats`
+  ({persona_tag: InputStats.to_dict()}, see `input_stats_by_tag`) gives the truncated
+  and dropped counts, dropped by reason, so that every pair of a set is accounted for."""
   rows = []
   for split in splits:
     for with_persona in (True, False):
       tag = persona_tag(split, with_persona)
-      if metrics.get(f"{tag}/count"):
-        values = " | ".join(format(metrics[f"{tag}/{k}"], spec) for k, spec in columns)
-        rows.append(f"| {split} | {'persona' if with_persona else 'no persona'} | "
-                    f"{int(metrics[f'{tag}/count'])} | {values} |")
+      st = (input_stats or {}).get(tag)
+      n = int(metrics.get(f"{tag}/count", 0))
+      if not n and st is None:
+        continue
+      values = [format(metrics[f"{tag}/{k}"], spec) if n else "n/a"
+                for k, spec in columns]
+      if accuracy:
+        lo, hi = wilson_interval(metrics[f"{tag}/{accuracy}"] * n, n) if n else (0, 0)
+        values.insert(1, f"[{lo:.2f}, {hi:.2f}]" if n else "n/a")
+      if input_stats is not None:
+        dropped = (", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items()))
+                   or "0") if st else "?"
+        values += [str(st["truncated"]) if st else "?", dropped]
+      rows.append(f"| {split} | {'persona' if with_persona else 'no persona'} | {n} | "
+                  + " | ".join(values) + " |")
   return rows
+
+
+def input_stats_by_tag(input_stats: Mapping[tuple[str, bool], Any]
+                       ) -> dict[str, dict[str, Any]]:
+  """{(split, with_persona): InputStats} (inputs.pair_sets) -> {persona_tag: dict}."""
+  return {persona_tag(*k): st.to_dict() for k, st in input_stats.items()}
+
+
+def inputs_line(input_stats: Mapping[str, Mapping[str, Any]], train_tag: str, *,
+                max_length: int, max_response_length: int | None) -> str:
+  """One sentence on how pairs were fitted to the model's input, for the reports;
+  `input_stats` as for `held_out_rows`, `train_tag` the training set's key."""
+  st = input_stats[train_tag]
+  dropped = ", ".join(f"{k} {v}" for k, v in sorted(st["dropped"].items())) or "none"
+  return (f"Inputs fitted to max_length {max_length} tokens (responses to "
+          f"{max_response_length or max_length}): older context turns go first, then "
+          f"responses are cut; a pair whose last user turn cannot fit is dropped "
+          f"(counted). Train pairs: {st['examples']} read, {st['kept']} used "
+          f"({st['truncated']} truncated), dropped: {dropped}.")
 
 
 def evaluate_held_out(eval_step: Callable, params: Any,
