@@ -108,8 +108,9 @@ def markdown(report: Mapping[str, Any]) -> str:
   lines += ["## Judge", "",
             (f"Judgements: {jf['judgements']} ({report['pairs']} pairs"
              f"{' x 2 orders' if _both_orders(report) else ', judged once'}); "
-             f"failed: {jf['failed']} (after one re-ask for the LLM judge; counted, "
-             f"never guessed; their items are left out of the win rates)."), ""]
+             f"failed: {jf['failed']} ("
+             f"{'after one re-ask; ' if judge['kind'] == 'llm' else ''}counted, never "
+             f"guessed; their items are left out of the win rates)."), ""]
   if jf["by_reason"]:
     lines += [_table(["judge failure", "count"], [[k, v] for k, v in
                                                   sorted(jf["by_reason"].items())]), ""]
