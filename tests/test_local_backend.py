@@ -75,9 +75,15 @@ def test_a_data_stage_runs_on_the_local_model(checkpoint, tmp_path):
   cfg.client = client_lib.default_config()
   cfg.client.backend, cfg.client.checkpoint = "local", path
   cfg.classify.max_tokens = 8
+  # A random tiny model writes no valid JSON: the stage fails (above its failure
+  # budget) after writing its report...
+  with pytest.raises(pipeline.StageFailedError, match=r"classify: \d+ of \d+ items"):
+    pipeline.run_stage("classify", cfg, str(tmp_path))
+  # ...and within a budget that allows it, every follow-up is accounted for as a reject
+  # with its reason, after exactly one re-ask each (the re-run asks them all again:
+  # rejected answers are not cached).
+  cfg.max_failure_fraction = 1.0
   report = pipeline.run_stage("classify", cfg, str(tmp_path))
-  # A random tiny model writes no valid JSON: every follow-up is accounted for as a
-  # reject with its reason, after exactly one re-ask each.
   assert report["classified"] + sum(report["rejected"].values()) == report["follow_ups"]
   assert report["follow_ups"] > 0
   assert report["requests"]["requests"] == 2 * report["follow_ups"]
