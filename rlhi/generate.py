@@ -1,4 +1,7 @@
-"""Chat generation from an rlhi / HF checkpoint: messages in, text out.
+"""Chat generation from an rlhi / HF checkpoint or a GGUF model: messages in, text out.
+
+`checkpoint` is anything `rlhi.models.sources` resolves: an HF directory, a .gguf file
+or a registered name such as `smollm2`.
 
 Used by the `local` inference-client backend (rlhi/data/client.py), so the data stages
 can run against rlhi's own model, and by persona-guided inference: put the persona in
@@ -19,8 +22,8 @@ import numpy as np
 
 from rlhi import sampling
 from rlhi import sharding
-from rlhi.models import hf_io
 from rlhi.models import llama
+from rlhi.models import sources
 from rlhi.models import tokenizer as tok_lib
 
 
@@ -50,9 +53,9 @@ class ChatGenerator:
     self.mesh = sharding.make_mesh(dict(mesh_axes or {"fsdp": -1}))
     self.tok = tok_lib.load_tokenizer(tokenizer or checkpoint)
     self.fmt = tok_lib.ChatFormatter(self.tok, system_template)
-    config = hf_io.load_config(checkpoint, scan_layers=False)
+    config = sources.load_config(checkpoint, scan_layers=False)
     shardings = sharding.logical_shardings(llama.abstract_params(config), self.mesh)
-    self.config, self.params = hf_io.load_checkpoint(checkpoint, config, shardings)
+    self.config, self.params = sources.load_checkpoint(checkpoint, config, shardings)
     self.batch_size = batch_size
     self.prompt_multiple = prompt_multiple
 

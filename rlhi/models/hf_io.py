@@ -11,6 +11,10 @@ scaling), Qwen2ForCausalLM (q/k/v bias), MistralForCausalLM (sliding window).
 No torch import here: safetensors is read with framework="numpy" (bfloat16 via
 ml_dtypes).
 
+`load_params(source, config, shardings)` is the loading core over any `TensorSource`
+(HF-named tensors in HF layout, read by slice): a safetensors directory here, a GGUF
+file in `gguf_io`. Model names and .gguf paths resolve in `sources`.
+
 Directories may be local or remote (gs://..., anything etils.epath supports). A remote
 safetensors file is read like a local one, tensor by tensor and slice by slice, with
 range reads (`_RemoteSafetensors`), so no host downloads the whole checkpoint; export
@@ -26,7 +30,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import ml_dtypes
@@ -489,24 +493,80 @@ def load_checkpoint(
   if config is None:
     config = load_config(path, **config_overrides)
   files = _checkpoint_files(path)
+  with contextlib.ExitStack() as stack:
+    source = _SafetensorsSource(files, stack,
+                                f"any safetensors file of {path} "
+                                f"({sorted(set(files.values()))})")
+    return config, load_params(source, config, shardings)
+
+
+class TensorSource(Protocol):
+  """HF-named tensors in HF layout, read by slice: what `load_params` consumes.
+
+  A safetensors directory is one; `gguf_io` makes a GGUF file another, so both
+  share this module's name/layout table, checks and sharded placement.
+  """
+
+  # Where the whole source is, for "not found in ..." messages.
+  description: str
+
+  def locations(self) -> dict[str, str]:
+    """HF tensor name -> where it is (a file, a GGUF tensor name), for messages."""
+
+  def get_slice(self, name: str) -> Any:
+    """An object with get_shape() and numpy-style [idx] reads of tensor `name`."""
+
+
+class _SafetensorsSource:
+  """Tensors of one HF checkpoint's safetensors files, each opened on first use."""
+
+  def __init__(self, files: dict[str, str], stack: contextlib.ExitStack,
+               description: str):
+    self._files, self._stack = files, stack
+    self._handles: dict[str, Any] = {}
+    self.description = description
+
+  def locations(self) -> dict[str, str]:
+    return dict(self._files)
+
+  def get_slice(self, name: str) -> Any:
+    file = self._files[name]
+    if file not in self._handles:
+      self._handles[file] = _open_safetensors(file, self._stack)
+    return self._handles[file].get_slice(name)
+
+
+def load_params(source: TensorSource, config: llama.LlamaConfig,
+                shardings: Any = None) -> Params:
+  """Params of `config` from HF-named tensors, each shard read by slice.
+
+  Args:
+    source: the tensors (see `TensorSource`).
+    config: the model they belong to.
+    shardings: as for `load_checkpoint`; default the first device.
+
+  Raises:
+    ValueError: a tensor of `source` is not part of the model, one is missing,
+      or a shape differs; the message names the tensor and where it is.
+  """
+  where = source.locations()
   leaves = _leaves(config)
   expected = set(hf_tensor_names(config))
   allowed = set(expected)
   if config.tie_embeddings:
     allowed.add("lm_head.weight")  # Some tied checkpoints still carry it.
-  for name, file in sorted(files.items()):
+  for name, file in sorted(where.items()):
     if name not in allowed and not _IGNORED.fullmatch(name):
       raise ValueError(
           f"Unknown tensor {name!r} in {file}: not a parameter of a "
           f"{model_type_of(config)} model with {config.num_layers} layers "
           f"(qkv_bias={config.qkv_bias}, tie_embeddings="
           f"{config.tie_embeddings})")
-  missing = [n for n in hf_tensor_names(config) if n not in files]
+  missing = [n for n in hf_tensor_names(config) if n not in where]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-    raise ValueError(f"Missing tensor {missing[0]!r}{more}: not found in any "
-                     f"safetensors file of {path} "
-                     f"({sorted(set(files.values()))})")
+    raise ValueError(f"Missing tensor {missing[0]!r}{more}: not found in "
+                     f"{source.description}")
 
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -519,42 +579,35 @@ def load_checkpoint(
                      f" of {config} have {len(leaves)}")
   dtype = _DTYPES[config.param_dtype]
 
-  with contextlib.ExitStack() as stack:
-    handles: dict[str, Any] = {}
+  def tensor(name: str):
+    return source.get_slice(name), where[name]
 
-    def tensor(name: str):
-      file = files[name]
-      if file not in handles:
-        handles[file] = _open_safetensors(file, stack)
-      return handles[file].get_slice(name), file
+  def check_shape(name, kind, layer_shape):
+    sl, file = tensor(name)
+    want, got = _hf_shape(layer_shape, kind), tuple(sl.get_shape())
+    if want != got:
+      raise ValueError(f"Tensor {name!r} in {file} has shape {got}, "
+                       f"expected {want} for config {config}")
 
-    def check_shape(name, kind, layer_shape):
-      sl, file = tensor(name)
-      want, got = _hf_shape(layer_shape, kind), tuple(sl.get_shape())
-      if want != got:
-        raise ValueError(f"Tensor {name!r} in {file} has shape {got}, "
-                         f"expected {want} for config {config}")
-
-    arrays = []
-    for (path_, shape), sharding in zip(leaves, sharding_leaves):
-      layer, rest = _layer_of(path_)
-      stacked = layer == -1
-      if stacked:
-        names_kinds = [_hf_name(rest, i) for i in range(config.num_layers)]
-        layer_shape = shape[1:]
-      else:
-        names_kinds = [_hf_name(rest, layer)]
-        layer_shape = shape
-      for name, kind in names_kinds:
-        check_shape(name, kind, layer_shape)
-      arrays.append(jax.make_array_from_callback(
-          shape, sharding,
-          _slice_reader(tensor, names_kinds, layer_shape, stacked, dtype),
-          dtype=dtype))
-    params = jax.tree.unflatten(
-        jax.tree.structure(sharding_lib.strip_boxes(llama.abstract_params(config))),
-        arrays)
-  return config, params
+  arrays = []
+  for (path_, shape), sharding in zip(leaves, sharding_leaves):
+    layer, rest = _layer_of(path_)
+    stacked = layer == -1
+    if stacked:
+      names_kinds = [_hf_name(rest, i) for i in range(config.num_layers)]
+      layer_shape = shape[1:]
+    else:
+      names_kinds = [_hf_name(rest, layer)]
+      layer_shape = shape
+    for name, kind in names_kinds:
+      check_shape(name, kind, layer_shape)
+    arrays.append(jax.make_array_from_callback(
+        shape, sharding,
+        _slice_reader(tensor, names_kinds, layer_shape, stacked, dtype),
+        dtype=dtype))
+  return jax.tree.unflatten(
+      jax.tree.structure(sharding_lib.strip_boxes(llama.abstract_params(config))),
+      arrays)
 
 
 def _slice_reader(tensor: Callable, names_kinds, layer_shape, stacked: bool,

@@ -5,6 +5,8 @@ r"""Tokenizers and chat formatting in token space.
     bundled sample and shipped in rlhi/models/assets/bundled_tokenizer/, with a Llama-3
     style chat template whose system slot carries the persona. Offline, no download.
   - a local directory or an HF hub id with its own chat template (Llama 3.x, Qwen2...).
+  - a GGUF model, by registered name (`smollm2`) or .gguf path (`rlhi.models.sources`):
+    the tokenizer and chat template stored in the file (`gguf_io.load_tokenizer`).
   - a remote directory (gs://..., any path etils.epath supports): its tokenizer files
     (not the weights beside them) are copied to a local temporary directory first.
     `save_tokenizer(tok, path)` writes to a local or remote directory.
@@ -31,6 +33,7 @@ import os
 from typing import Sequence
 
 from rlhi import fileio
+from rlhi.models import sources
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED_DIR = os.path.join(ASSETS, "bundled_tokenizer")
@@ -63,9 +66,19 @@ def _is_tokenizer_file(name: str) -> bool:
 
 
 def load_tokenizer(name: str = "bundled"):
-  """'bundled', a local or remote (gs://...) HF tokenizer directory, or an HF hub id."""
+  """'bundled', a local or remote (gs://...) HF tokenizer directory, an HF hub id, or
+  a GGUF model (registered name or .gguf path)."""
   import transformers  # pylint: disable=g-import-not-at-top  (heavy)
   path = BUNDLED_DIR if name == "bundled" else name
+  if name != "bundled" and sources.is_gguf(name):
+    from rlhi.models import gguf_io  # pylint: disable=g-import-not-at-top  (jax)
+    tok = gguf_io.load_tokenizer(sources.resolve(name).path)
+    tok.name_or_path = name
+    if tok.chat_template is None:
+      raise ValueError(f"tokenizer {name!r}: the GGUF file has no "
+                       f"tokenizer.chat_template; rlhi formats conversations with it "
+                       f"(set config.tokenizer to an HF tokenizer directory)")
+    return tok
   if name == "bundled" and not os.path.exists(os.path.join(path, "tokenizer.json")):
     raise FileNotFoundError(f"{path}/tokenizer.json missing: run "
                             f"python -m rlhi.models.tokenizer --rebuild_bundled")

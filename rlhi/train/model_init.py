@@ -1,8 +1,9 @@
 """Model config and initial parameters from the `config.model` section.
 
-`config.model.init` is '' (random init of the named size) or an HF checkpoint directory:
-a released model (Llama 3.x, Qwen2, Mistral) or what an rlhi run exported (`<workdir>/hf`),
-loaded tensor by tensor straight into the target shardings.
+`config.model.init` is '' (random init of the named size) or a model as
+`rlhi.models.sources` resolves it: a registered name (`smollm2`), a .gguf file, or an HF
+checkpoint directory (a released model, Llama 3.x / Qwen2 / Mistral, or what an rlhi run
+exported, `<workdir>/hf`), loaded tensor by tensor straight into the target shardings.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from typing import Any
 
 import jax
 
-from rlhi.models import hf_io
 from rlhi.models import llama
+from rlhi.models import sources
 
 
 def model_config(model_cfg) -> llama.LlamaConfig:
   overrides = dict(remat_policy=model_cfg.remat_policy, scan_layers=model_cfg.scan_layers,
                    **parse_overrides(model_cfg.get("overrides", "")))
   if model_cfg.init:
-    return hf_io.load_config(model_cfg.init, **overrides)
+    return sources.load_config(model_cfg.init, **overrides)
   return llama.get_config(model_cfg.name, **overrides)
 
 
@@ -45,14 +46,15 @@ def init_llama_params(model_cfg, config: llama.LlamaConfig, shardings: Any, seed
                       ) -> Any:
   """Params on `shardings`: loaded from model_cfg.init, or random from `seed`."""
   if model_cfg.init:
-    _, params = hf_io.load_checkpoint(model_cfg.init, config, shardings)
+    _, params = sources.load_checkpoint(model_cfg.init, config, shardings)
     return params
   init = jax.jit(lambda key: llama.init_params(config, key), out_shardings=shardings)
   return init(jax.random.PRNGKey(seed))
 
 
 def tokenizer_name(cfg) -> str:
-  """config.tokenizer, or the tokenizer saved with the initial checkpoint."""
+  """config.tokenizer, or the initial checkpoint's own tokenizer (saved beside an HF
+  checkpoint, stored in a GGUF file)."""
   if cfg.tokenizer:
     return cfg.tokenizer
   if cfg.model.init:
