@@ -18,14 +18,17 @@ into its own directory under --workdir:
            online round vs DPO; and the reward model's accuracy                eval_*/
 
 Then <workdir>/report.md gathers the numbers, with PNG plots of the training curves
-(curves.png) and of the win rates (win_rates.png). A stage whose outputs exist is run
-again (they are cheap here); delete --workdir for a clean start. RLHI_DEMO_QUICK=1 in
-the environment means --quick (CI uses it to run the README command as written).
+(curves.png) and of the win rates (win_rates.png). Every run starts clean: the
+directories a previous demo wrote under --workdir are deleted first (a checkpoint of
+another run's settings would otherwise be resumed, or refused), nothing else there.
+RLHI_DEMO_QUICK=1 in the environment means --quick (CI uses it to run the README command
+as written).
 """
 
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +38,7 @@ from absl import logging
 
 from configs import data_prep
 from rlhi import cli
+from rlhi import workdir_lock
 from rlhi.data import pipeline
 from rlhi.eval import browser
 
@@ -84,9 +88,24 @@ def _train_cmd(module: str, config: str, workdir: str, data_dir: str, steps: int
           f"--config.checkpoint.every={steps}", *_TRAIN_FLAGS, *extra]
 
 
+def _own_dirs(work: str) -> list[str]:
+  """The directories a demo writes under `work` (see the module doc)."""
+  names = ["data", "sft", "reward", "dpo", "user_rewards",
+           *(f"eval_{name}" for name, *_ in _COMPARISONS)]
+  return [os.path.join(work, n) for n in names]
+
+
 def main(argv):
   del argv
-  work, quick = _WORKDIR.value, _QUICK.value
+  work = _WORKDIR.value
+  # One demo at a time per --workdir; the stages' own locks guard their directories.
+  with workdir_lock.hold(work, "demo"):
+    for path in _own_dirs(work):
+      shutil.rmtree(path, ignore_errors=True)
+    _demo(work, _QUICK.value)
+
+
+def _demo(work: str, quick: bool) -> None:
   if not flags.FLAGS["verbosity"].present:  # the stages' progress bars, not INFO logs
     logging.set_verbosity(logging.WARNING)
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
