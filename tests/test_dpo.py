@@ -405,6 +405,7 @@ def test_train_dpo_two_processes_agree_and_only_process_0_writes(sample_examples
   tt._assert_trees_equal(tt._final_state(one, 2), tt._final_state(two, 2), rtol=1e-5)
   r1 = json.load(open(os.path.join(one, "eval_report.json")))
   r2 = json.load(open(os.path.join(two, "eval_report.json")))
+  assert r1.pop("inputs") == r2.pop("inputs")  # the same pairs read, cut and dropped
   for k in r1:
     np.testing.assert_allclose(r1[k], r2[k], rtol=1e-5, atol=1e-6, err_msg=k)
   assert len(os.listdir(os.path.join(two, "reference_logps"))) == 5  # no .tmp leftovers
