@@ -275,6 +275,44 @@ def test_local_backend_and_model_init_accept_a_gguf_path(tiny):
   assert res.text == fmt.decode(want).strip()
 
 
+def test_usereval_systems_take_a_gguf_file_and_key_answers_on_its_weights(
+    tiny, tmp_path):
+  from rlhi.eval import systems  # pylint: disable=g-import-not-at-top
+  path, _ = tiny
+  gen = systems.GenerationSettings.from_config(
+      {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "batch_size": 2,
+       "seed": 0}, "persona: {persona}")
+  system = systems.System.from_config("a", {"kind": "checkpoint", "path": path})
+  assert system.label.endswith("tiny.gguf")
+  copy = tmp_path / "copy.gguf"
+  copy.write_bytes(open(path, "rb").read())
+  fp = systems.fingerprint(systems.System.from_config(
+      "a", {"kind": "checkpoint", "path": str(copy)}), gen)
+  # Cached answers are keyed on the weights file: rewriting it changes the key.
+  os.utime(copy, ns=(0, 0))
+  assert systems.fingerprint(systems.System.from_config(
+      "a", {"kind": "checkpoint", "path": str(copy)}), gen) != fp
+  where, stamp = sources.weights_stamp(str(copy))
+  assert where == str(copy) and stamp == [("copy.gguf", copy.stat().st_size, 0)]
+  with pytest.raises(FileNotFoundError, match=r"config.systems.b.path: .*missing.gguf "
+                     r"not found \(expected an HF checkpoint directory with "
+                     r"config.json, a .gguf file, or one of \['smollm2'\]\)"):
+    systems.System.from_config("b", {"kind": "checkpoint",
+                                     "path": str(tmp_path / "missing.gguf")})
+
+
+def test_usereval_systems_take_a_registered_name(monkeypatch, tmp_path):
+  from rlhi.eval import systems  # pylint: disable=g-import-not-at-top
+  fake = tmp_path / "SmolLM2.gguf"
+  fake.write_bytes(b"GGUF")
+  monkeypatch.setattr(sources, "named_file", lambda name: str(fake))
+  system = systems.System.from_config("a", {"kind": "checkpoint", "path": "smollm2",
+                                            "persona": True})
+  assert system.label == "smollm2 + persona"
+  where, stamp = sources.weights_stamp("smollm2")
+  assert where == str(fake) and [s[:2] for s in stamp] == [("SmolLM2.gguf", 4)]
+
+
 def test_tiny_gguf_tokenizer_matches_transformers(tiny):
   transformers = pytest.importorskip("transformers")
   path, _ = tiny

@@ -42,8 +42,10 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
   extra_body      dict merged last into every request JSON (e.g. {'top_k': 20} for
                   vLLM, {'chat_template_kwargs': {...}}); may be empty.
   checkpoint      'local' backend: an HF checkpoint directory (what rlhi exports to
-                  <workdir>/hf, or a released model), generated with rlhi's sampler in
-                  this process (jax is imported only for this backend).
+                  <workdir>/hf, or a released model), a .gguf file or a registered
+                  name such as 'smollm2' (rlhi/models/sources.py), generated with
+                  rlhi's sampler in this process (jax is imported only for this
+                  backend).
   tokenizer       'local': tokenizer name or directory; '' = the checkpoint's own.
   local_batch_size  'local': rows generated together.
 
@@ -96,6 +98,8 @@ import aiohttp
 import ml_collections
 from tqdm import auto as tqdm_auto
 import yarl
+
+from rlhi.models import sources  # no jax: model names, weights files
 
 _LOG = logging.getLogger(__name__)
 
@@ -189,7 +193,8 @@ def default_config() -> ml_collections.ConfigDict:
       "backoff_max_s": 60.0,
       "reference_path": "",
       "extra_body": {},
-      # 'local': an rlhi-exported or HF checkpoint directory served by rlhi's sampler.
+      # 'local': an HF checkpoint directory, .gguf file or 'smollm2', served by rlhi's
+      # sampler.
       "checkpoint": "",
       "tokenizer": "",  # '' = the checkpoint's own
       "local_batch_size": 16,
@@ -825,17 +830,16 @@ class LocalClient(InferenceClient):
   def __init__(self, checkpoint: str, tokenizer: str = "", *, batch_size: int = 16):
     super().__init__()
     from rlhi import generate  # pylint: disable=g-import-not-at-top  (jax: lazily)
-    self.checkpoint = os.path.abspath(checkpoint)
+    self.checkpoint = checkpoint  # a model name of rlhi.models.sources
     self.tokenizer = tokenizer
     self._generator = generate.ChatGenerator(checkpoint, tokenizer,
                                              batch_size=batch_size)
-    self.name = f"local (rlhi sampler, checkpoint {self.checkpoint})"
+    self.name = f"local (rlhi sampler, checkpoint {sources.absolute(checkpoint)})"
 
   def cache_identity(self) -> dict[str, Any]:
-    weights = sorted(pathlib.Path(self.checkpoint).glob("*.safetensors"))
-    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
-    return {"backend": self.kind, "checkpoint": self.checkpoint,
-            "tokenizer": self.tokenizer, "weights": stamp}
+    path, stamp = sources.weights_stamp(self.checkpoint)
+    return {"backend": self.kind, "checkpoint": path, "tokenizer": self.tokenizer,
+            "weights": stamp}
 
   def _answer(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
     groups: dict[tuple, list[int]] = collections.defaultdict(list)
@@ -1034,7 +1038,8 @@ def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
   elif backend == "local":
     if not values["checkpoint"]:
       raise ValueError("client config: backend='local' needs 'checkpoint' (an HF "
-                       "checkpoint directory, e.g. <sft workdir>/hf)")
+                       "checkpoint directory, e.g. <sft workdir>/hf, a .gguf file or "
+                       "'smollm2')")
     client = LocalClient(values["checkpoint"], values["tokenizer"],
                          batch_size=values["local_batch_size"])
   else:

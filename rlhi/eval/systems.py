@@ -34,11 +34,11 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from etils import epath
 
 from rlhi import fileio
 from rlhi.data import schema
 from rlhi.eval import items as items_lib
+from rlhi.models import sources
 
 KINDS = ("original", "checkpoint", "answers")
 
@@ -96,9 +96,18 @@ class System:
       what = ("an HF checkpoint directory (e.g. <train_dpo workdir>/hf)"
               if system.kind == "checkpoint" else "a JSONL file of {item_id, text}")
       raise ValueError(f"{where}.path is empty; kind={system.kind!r} needs {what}")
-    if system.kind == "checkpoint" and not fileio.isdir(system.path):
-      raise FileNotFoundError(f"{where}.path: {system.path} is not a directory (expected "
-                              f"an HF checkpoint directory with config.json)")
+    if system.kind == "checkpoint":
+      try:
+        src = sources.resolve(system.path)
+      except FileNotFoundError as e:  # a registered name whose package is missing
+        raise FileNotFoundError(f"{where}.path: {e}") from None
+      found = (fileio.exists(src.path) if src.kind == sources.GGUF
+               else fileio.isdir(src.path))
+      if not found:
+        raise FileNotFoundError(
+            f"{where}.path: {system.path} not found (expected an HF checkpoint "
+            f"directory with config.json, a .gguf file, or one of "
+            f"{sorted(sources.NAMED)})")
     if system.kind == "answers" and (not fileio.exists(system.path)
                                      or fileio.isdir(system.path)):
       raise FileNotFoundError(f"{where}.path: {system.path} not found (expected a JSONL "
@@ -114,41 +123,26 @@ class System:
       return self.name
     if self.kind == "original":
       return "original (WildChat answer)"
-    short = "/".join(pathlib.PurePosixPath(_absolute(self.path)).parts[-2:])
+    if self.kind == "checkpoint" and self.path in sources.NAMED:
+      return self.path + (" + persona" if self.persona else "")
+    short = "/".join(pathlib.PurePosixPath(sources.absolute(self.path)).parts[-2:])
     if self.kind == "answers":
       return f"answers {short}"
     return short + (" + persona" if self.persona else "")
 
   def describe(self) -> dict[str, Any]:
     return {"label": self.label, "kind": self.kind,
-            "path": _absolute(self.path) if self.path else "",
+            "path": sources.absolute(self.path) if self.path else "",
             "persona": self.persona, "tokenizer": self.tokenizer}
-
-
-def _absolute(path: str) -> str:
-  """os.path.abspath for a local path; a remote one (gs://...) as it is."""
-  return path if fileio.is_remote(path) else os.path.abspath(path)
-
-
-def _weights(path: str) -> list[tuple[str, int, int]]:
-  """(name, size, modification time) of each *.safetensors file in `path`."""
-  if not fileio.is_remote(path):
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(pathlib.Path(path).glob("*.safetensors"))]
-  out = []
-  for p in sorted(epath.Path(path).glob("*.safetensors")):
-    st = p.stat()
-    out.append((p.name, st.length, st.mtime))
-  return out
 
 
 def fingerprint(system: System, gen: GenerationSettings) -> str:
   ident: dict[str, Any] = {"kind": system.kind}
   if system.kind == "checkpoint":
-    path = _absolute(system.path)
+    path, weights = sources.weights_stamp(system.path)
     ident.update(
         path=path, tokenizer=system.tokenizer, persona=system.persona,
-        weights=_weights(path),
+        weights=weights,
         template=gen.system_template if system.persona else "",
         generation=dataclasses.asdict(dataclasses.replace(gen, system_template="")))
   elif system.kind == "answers":
@@ -213,7 +207,7 @@ class Answerer:
     self._remote_appends: dict[str, bytes] = {}  # remote path -> its whole content
 
   def _generator(self, system: System):
-    key = (_absolute(system.path), system.tokenizer)
+    key = (sources.absolute(system.path), system.tokenizer)
     if key not in self._generators:
       from rlhi import generate  # pylint: disable=g-import-not-at-top  (jax: lazily)
       self._generators[key] = generate.ChatGenerator(

@@ -101,6 +101,34 @@ def resolve(name: str, check: bool = True) -> Source:
   return Source(HF, name, name)
 
 
+def absolute(path: str) -> str:
+  """os.path.abspath for a local path; a remote one (gs://...) as it is."""
+  return path if fileio.is_remote(path) else os.path.abspath(path)
+
+
+def weights_stamp(name: str) -> tuple[str, list[tuple[str, int, Any]]]:
+  """(where the weights are, [(file name, size, modification time)]) of the model
+  `name`: the .gguf file, or each *.safetensors file of an HF directory. What a cache of
+  the model's answers is keyed on: a re-export or another file changes it."""
+  src = resolve(name)
+  path = absolute(src.path)
+  if src.kind == GGUF:
+    files = [path]
+  else:
+    files = [f"{path.rstrip('/')}/{n}" for n in sorted(fileio.listdir(path))
+             if n.endswith(".safetensors")]
+  out = []
+  for f in files:
+    if fileio.is_remote(f):
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      st = epath.Path(f).stat()
+      out.append((os.path.basename(f), st.length, st.mtime))
+    else:
+      st = os.stat(f)
+      out.append((os.path.basename(f), st.st_size, st.st_mtime_ns))
+  return path, out
+
+
 def load_config(name: str, **overrides: Any):
   """LlamaConfig of the model `name` (overrides: LlamaConfig fields)."""
   src = resolve(name)
