@@ -54,5 +54,9 @@ setuptools.setup(
                  "nbformat>=5.10", "pytest>=8", "torch==2.13.0"],
         "bench": ["torch==2.13.0", "trl>=1.16,<2"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs"],
+        # The TPU compiler alone, for experiments/compile.py and tests/test_compile_tpu.py
+        # on a machine without a TPU: the libtpu that jax 0.10.2's `tpu` extra names
+        # (0.0.42.*), at the version tested.
+        "tpu_compile": ["libtpu==0.0.42.1"],
     },
 )

@@ -1,14 +1,17 @@
-r"""Will it fit? AOT-compile a big train step on simulated devices, print per-device memory.
+r"""Will it fit? The XLA:CPU estimate: a big train step compiled for simulated CPU devices.
 
   python bench/aot_memory.py                         # llama3_8b RM, seq 4096, 64 devices
   python bench/aot_memory.py --model llama3_1b --devices 8 --meshes fsdp=8
 
-Compiles (never runs) the reward-model train step with `jax.jit(...).lower(...)
-.compile()` for abstract sharded inputs on `--devices` simulated CPU devices and prints
-XLA's `memory_analysis()`: argument (params + optimizer state + batch), output, temp
-(activations, gradients) and the per-device peak estimate (arguments + outputs + temps
-- donated aliases). The CPU compiler's buffer assignment stands in for the TPU's; treat
-the figure as an estimate within some tens of percent.
+Compiles (never runs) the reward-model train step of configs/reward_model.py (the
+program rlhi/aot/programs.py builds, as experiments/compile.py does for TPU) for
+abstract sharded inputs on `--devices` simulated CPU devices, and prints XLA's
+`memory_analysis()`: argument (params + optimizer state + batch), output, temp
+(activations, gradients) and the per-device total (arguments + outputs + temps - donated
+aliases). The CPU compiler's buffer assignment stands in for the TPU's and is further
+off than one would like (docs/training.md compares the two): with libtpu installed,
+`python -m experiments.compile --topology v5litepod-64 ...` gives the TPU compiler's
+own figures, on this same machine.
 
 Must run in its own process: it sets XLA_FLAGS before importing jax.
 """
@@ -31,60 +34,44 @@ def main():
                  help="gradient accumulation: activations of 1/k of the batch at a time")
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from rlhi import sharding  # pylint: disable=g-import-not-at-top
-  from rlhi.models import llama  # pylint: disable=g-import-not-at-top
-  from rlhi.models import reward  # pylint: disable=g-import-not-at-top
-  from rlhi.train import objectives  # pylint: disable=g-import-not-at-top
-  from rlhi.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from configs import reward_model
+  from rlhi import sharding
+  from rlhi.aot import check
+  from rlhi.aot import programs
+  from rlhi.aot import topology
+  from rlhi.models import llama
 
-  config = llama.get_config(a.model, remat_policy=a.remat, flatten_dense=False)
-  n_params = llama.param_count(config)
+  cfg = reward_model.get_config(a.model)
   pairs = max(1, int(a.pairs_per_device * a.devices))
+  cfg.batch_size = pairs
+  cfg.data.max_length = a.length
+  cfg.data.bucket_lengths = (a.length,)
+  cfg.model.remat_policy = a.remat
+  cfg.accum_steps = a.accum_steps
+  config, _ = programs.model_configs(cfg)
   gib = 2.0 ** 30
-  print(f"{a.model}: {n_params / 1e9:.2f}B params ({config.param_dtype} params, "
-        f"{config.dtype} compute), reward-model train step, AdamW (float32 moments "
-        f"of bf16 params), remat={a.remat}, {pairs} pairs x 2 x {a.length} tokens, "
-        f"{a.devices} simulated devices, gradient accumulation {a.accum_steps}\n")
+  print(f"{a.model}: {llama.param_count(config) / 1e9:.2f}B params ({config.param_dtype} "
+        f"params, {config.dtype} compute), reward-model train step of "
+        f"configs/reward_model.py (its optimizer: AdamW, moments in the params' dtype), "
+        f"remat={a.remat}, {pairs} pairs x 2 x {a.length} tokens, {a.devices} simulated "
+        f"devices, gradient accumulation {a.accum_steps}\n")
   print("| mesh | arguments GiB | outputs GiB | temps GiB | aliased GiB | "
-        "peak per device GiB | fits 16 GiB (v5e) |")
+        "total per device GiB | fits 15.75 GiB (v5e) |")
   print("|---|---|---|---|---|---|---|")
+  v5e = topology.parse("v5e:8x8")  # only the capacity is used
   for spec in a.meshes.split(";"):
-    axes = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
-    mesh = sharding.make_mesh(axes)
-    opt = optax.adamw(1e-6, mu_dtype=jnp.float32)
-    with sharding.use_mesh(mesh):
-      abstract = jax.eval_shape(lambda: step_lib.init_state(  # pylint: disable=cell-var-from-loop
-          reward.abstract_params(config), opt, 0))
-      shardings = sharding.logical_shardings(abstract, mesh)
-      state = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(
-              getattr(x, "value", x).shape, getattr(x, "value", x).dtype, sharding=s),
-          abstract, shardings, is_leaf=lambda x: hasattr(x, "names"))
-      batch_spec = sharding.logical_to_spec(("batch", None), (pairs, a.length), mesh)
-      bs = jax.sharding.NamedSharding(mesh, batch_spec)
-      batch = {f"{side}_{k}": jax.ShapeDtypeStruct((pairs, a.length), jnp.int32,
-                                                   sharding=bs)
-               for side in ("chosen", "rejected")
-               for k in ("tokens", "positions", "segment_ids")}
-      batch["valid"] = jax.ShapeDtypeStruct(
-          (pairs,), jnp.bool_, sharding=jax.sharding.NamedSharding(
-              mesh, jax.sharding.PartitionSpec(*batch_spec[:1])))
-      step = jax.jit(step_lib.make_train_step(objectives.reward_loss(config), opt,
-                                              a.accum_steps),
-                     out_shardings=(shardings, None), donate_argnums=0)
-      m = step.lower(state, batch).compile().memory_analysis()
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
-    print(f"| {spec} | {m.argument_size_in_bytes / gib:.2f} | "
-          f"{m.output_size_in_bytes / gib:.2f} | {m.temp_size_in_bytes / gib:.2f} | "
-          f"{m.alias_size_in_bytes / gib:.2f} | {peak / gib:.2f} | "
-          f"{'yes' if peak < 16 * gib else 'no'} |", flush=True)
+    with cfg.unlocked():
+      cfg.mesh = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    mesh = sharding.make_mesh(dict(cfg.mesh))
+    (program,) = programs.build(cfg, mesh, ("reward",))
+    m = check.compile_program(program, v5e).memory
+    print(f"| {spec} | {m.arguments / gib:.2f} | {m.outputs / gib:.2f} | "
+          f"{m.temps / gib:.2f} | {m.aliased / gib:.2f} | {m.total / gib:.2f} | "
+          f"{'yes' if m.total < v5e.chip.hbm_bytes else 'no'} |", flush=True)
 
 
 if __name__ == "__main__":

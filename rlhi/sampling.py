@@ -279,52 +279,19 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, temperature, top_k,
               top_p, stop, row_max_new, pad_id, *, config, max_new_tokens,
               rules) -> SampleOutput:
   with nn.logical_axis_rules(rules):
-    batch, prompt_len = prompt_tokens.shape
-    n_pad = prompt_len - prompt_lengths
-    slots = jnp.arange(prompt_len)[None, :]
-    segment_ids = (slots >= n_pad[:, None]).astype(jnp.int32)
-    positions = jnp.maximum(slots - n_pad[:, None], 0)
-
+    prompt_len = prompt_tokens.shape[1]
     # Unrolled layers for decoding: a scan would copy every layer's weights
     # out of the stack on every step; this copies them once.
     params, config = llama.unstack_layers(params, config)
     ends = _phase_ends(prompt_len, max_new_tokens)
-    cache = llama.init_cache(config, batch, prompt_len + ends[0])
-    hidden, cache = llama.forward(params, config, prompt_tokens, positions,
-                                  segment_ids, cache)
-    # Left padding puts every row's last prompt token in the last column.
-    logits = llama.lm_logits(params, config, hidden[:, -1])
+    state = prefill(params, config, prompt_tokens, prompt_lengths, row_max_new,
+                    pad_id, cache_len=prompt_len + ends[0],
+                    max_new_tokens=max_new_tokens)
 
     def body(state):
-      step, logits, cache, tokens, logprobs, done, lengths, pos = state
-      token, logp = _sample_with_logprob(jax.random.fold_in(rng, step),
-                                         logits, temperature, top_k, top_p)
-      active = ~done
-      tokens = lax.dynamic_update_slice(
-          tokens, jnp.where(active, token, pad_id)[:, None], (0, step))
-      logprobs = lax.dynamic_update_slice(
-          logprobs, jnp.where(active, logp, 0.0)[:, None], (0, step))
-      lengths = lengths + active
-      done = (done | (active & jnp.isin(token, stop))
-              | (step + 1 >= row_max_new))
-      # Finished rows keep decoding (static batch); their outputs are
-      # discarded above. They are fed real tokens, so pad_id need not be one.
-      hidden, cache = llama.forward(
-          params, config, token[:, None], pos[:, None],
-          jnp.ones((batch, 1), jnp.int32), cache)
-      logits = llama.lm_logits(params, config, hidden[:, 0])
-      return step + 1, logits, cache, tokens, logprobs, done, lengths, pos + 1
+      return decode_step(params, config, state, rng, temperature, top_k, top_p,
+                         stop, row_max_new, pad_id)
 
-    state = (
-        jnp.zeros((), jnp.int32),
-        logits,
-        cache,
-        jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((batch, max_new_tokens), jnp.float32),
-        row_max_new <= 0,
-        jnp.zeros((batch,), jnp.int32),
-        prompt_lengths,
-    )
     # The cache grows between phases, so that early steps attend over (and
     # read) only the slots that can be filled: decoding is bound by memory
     # traffic, and the cache is a large part of it.
@@ -335,6 +302,64 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, temperature, top_k,
       state = lax.while_loop(
           lambda s, end=end: (s[0] < end) & ~jnp.all(s[5]), body, state)
     return SampleOutput(tokens=state[3], logprobs=state[4], lengths=state[6])
+
+
+# The decode loop's state, a tuple: (step [] int32, logits [B, V] float32 of the next
+# token, KVCache, tokens [B, max_new] int32, logprobs [B, max_new] float32,
+# done [B] bool, lengths [B] int32, positions [B] int32 of the next token).
+DecodeState = tuple
+
+
+def prefill(params, config, prompt_tokens, prompt_lengths, row_max_new, pad_id, *,
+            cache_len: int, max_new_tokens: int) -> DecodeState:
+  """Runs left-padded prompts [B, P] into a new cache of `cache_len` slots; returns
+  the decode loop's first state. Call under the logical-axis rules (as `generate`
+  does); params unscanned (`llama.unstack_layers`)."""
+  batch, prompt_len = prompt_tokens.shape
+  n_pad = prompt_len - prompt_lengths
+  slots = jnp.arange(prompt_len)[None, :]
+  segment_ids = (slots >= n_pad[:, None]).astype(jnp.int32)
+  positions = jnp.maximum(slots - n_pad[:, None], 0)
+  cache = llama.init_cache(config, batch, cache_len)
+  hidden, cache = llama.forward(params, config, prompt_tokens, positions,
+                                segment_ids, cache)
+  # Left padding puts every row's last prompt token in the last column.
+  logits = llama.lm_logits(params, config, hidden[:, -1])
+  return (
+      jnp.zeros((), jnp.int32),
+      logits,
+      cache,
+      jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+      jnp.zeros((batch, max_new_tokens), jnp.float32),
+      row_max_new <= 0,
+      jnp.zeros((batch,), jnp.int32),
+      prompt_lengths,
+  )
+
+
+def decode_step(params, config, state: DecodeState, rng, temperature, top_k, top_p,
+                stop, row_max_new, pad_id) -> DecodeState:
+  """One token for every row: sample from the state's logits, record it, run it
+  through the model into the cache. The body of `generate`'s decode loops."""
+  step, logits, cache, tokens, logprobs, done, lengths, pos = state
+  batch = tokens.shape[0]
+  token, logp = _sample_with_logprob(jax.random.fold_in(rng, step),
+                                     logits, temperature, top_k, top_p)
+  active = ~done
+  tokens = lax.dynamic_update_slice(
+      tokens, jnp.where(active, token, pad_id)[:, None], (0, step))
+  logprobs = lax.dynamic_update_slice(
+      logprobs, jnp.where(active, logp, 0.0)[:, None], (0, step))
+  lengths = lengths + active
+  done = (done | (active & jnp.isin(token, stop))
+          | (step + 1 >= row_max_new))
+  # Finished rows keep decoding (static batch); their outputs are
+  # discarded above. They are fed real tokens, so pad_id need not be one.
+  hidden, cache = llama.forward(
+      params, config, token[:, None], pos[:, None],
+      jnp.ones((batch, 1), jnp.int32), cache)
+  logits = llama.lm_logits(params, config, hidden[:, 0])
+  return step + 1, logits, cache, tokens, logprobs, done, lengths, pos + 1
 
 
 def _phase_ends(prompt_len: int, max_new_tokens: int, step: int = 32,

@@ -87,6 +87,14 @@ def cache_key(params_fp: str, config: llama.LlamaConfig, data_fp: str, *,
   return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def jitted_logps(config: llama.LlamaConfig, mesh: jax.sharding.Mesh, chunk: int = 256):
+  """(params, pairs batch) -> summed response log-probs [2B], replicated: the program
+  `compute` runs per batch (rlhi/aot compiles it for a TPU topology)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(lambda p, b: objectives.sequence_logps(p, config, b, chunk)[0],
+                 out_shardings=replicated)
+
+
 def compute(params: Any, config: llama.LlamaConfig,
             examples: Sequence[Mapping[str, Any]], *, mesh: jax.sharding.Mesh,
             batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
@@ -103,9 +111,7 @@ def compute(params: Any, config: llama.LlamaConfig,
       examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
       bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
       drop_remainder=False, process_index=jax.process_index(), process_count=n_proc)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(lambda p, b: objectives.sequence_logps(p, config, b, chunk)[0],
-               out_shardings=replicated)
+  fn = jitted_logps(config, mesh, chunk)
   out = []
   with sharding.use_mesh(mesh):
     for host_batch in batches:
