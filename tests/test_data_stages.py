@@ -229,6 +229,15 @@ def test_bad_answers_are_reasked_once_then_rejected_and_a_rerun_heals_them(tmp_p
     rejects = schema.read_jsonl(tmp_path / "classify_rejects.jsonl", schema.Reject)
     assert all("not valid JSON" in r.detail and "after re-ask" in r.detail
                for r in rejects)
+    # What the model said, both times, is in the rejects file and the report.
+    bad = '{"label": "style_feedback", "actionable": tru'
+    assert [json.loads(r.raw) for r in rejects] == [[bad, bad]] * 2
+    assert report["common_failures"] == [{
+        "kind": "invalid answer: not valid JSON", "items": 2, "key": rejects[0].key,
+        "reason": rejects[0].detail, "answers": [bad, bad]}]
+    md = (tmp_path / "classify_report.md").read_text()
+    assert (f"| invalid answer: not valid JSON | 2 | {rejects[0].key} | "
+            f"{json.dumps(bad)} / {json.dumps(bad)} |") in md
 
     # The rejected answers did not stay in the request cache: once the server is
     # healthy, a re-run heals the two rejected items by sending exactly their first

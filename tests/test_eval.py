@@ -363,6 +363,10 @@ def test_unparseable_judge_answers_are_reasked_once_then_counted(data_dir, tmp_p
   assert all("after re-ask" in j["error"] for j in judgements if j["winners"] is None)
   rejects = schema.read_jsonl(tmp_path / "run" / usereval.REJECTS_FILE, schema.Reject)
   assert sum(r.source == "judge" for r in rejects) == 4
+  # What the judge said, both times, is kept with the failure.
+  said = ["I prefer the first one.", '{"overall": "A"']
+  assert all(j["answers"] == said for j in judgements if j["winners"] is None)
+  assert [json.loads(r.raw) for r in rejects if r.source == "judge"] == [said] * 4
 
 
 def test_answers_a_system_cannot_give_are_counted_and_left_out(data_dir, checkpoint,

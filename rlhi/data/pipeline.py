@@ -40,6 +40,7 @@ from rlhi import workdir_lock
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
+from rlhi.data import prompting
 from rlhi.data import rewrites
 from rlhi.data import schema
 from rlhi.data import wildchat
@@ -311,9 +312,31 @@ def _check_stage(cfg, stage: str, asked: int, rejects: list[schema.Reject],
 
 
 def _rejects(stage: str, failed: dict[str, str]) -> list[schema.Reject]:
-  return [schema.Reject(source=stage, line=i, reason=reason_code(reason), detail=reason,
-                        key=key)
+  """One reject per failed item; `raw` holds what the model answered (each attempt's
+  start, as a JSON list) when the reason carries it (prompting.Failure)."""
+  return [schema.Reject(source=stage, line=i, reason=reason_code(reason),
+                        detail=str(reason), key=key,
+                        raw=(json.dumps(list(prompting.answers_of(reason)),
+                                        ensure_ascii=False)
+                             if prompting.answers_of(reason) else ""))
           for i, (key, reason) in enumerate(sorted(failed.items()), start=1)]
+
+
+def _rejected(rejects: list[schema.Reject], failed: Mapping[str, str], n: int = 3
+              ) -> dict[str, Any]:
+  """The report's `rejected` (items by reason code) and `common_failures`: the `n`
+  most common kinds of failure (prompting.failure_kind), each with its first item's
+  key, reason and what the model answered."""
+  by_kind = collections.defaultdict(list)
+  for key, reason in sorted(failed.items()):
+    by_kind[prompting.failure_kind(reason)].append((key, reason))
+  top = sorted(by_kind.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:n]
+  return {
+      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      "common_failures": [
+          {"kind": kind, "items": len(items), "key": items[0][0],
+           "reason": str(items[0][1]), "answers": list(prompting.answers_of(items[0][1]))}
+          for kind, items in top]}
 
 
 def _client_section(client: client_lib.InferenceClient) -> dict[str, Any]:
@@ -329,10 +352,23 @@ def _client_markdown(report: Mapping[str, Any]) -> list[str]:
                       s["prompt_tokens"], s["completion_tokens"]]]), ""]
 
 
-def _rejects_markdown(rejected: Mapping[str, int]) -> list[str]:
-  return ["## Rejected", "",
-          _md_table(["reason", "items"], [[k, v] for k, v in rejected.items()])
-          if rejected else "None.", ""]
+def _rejects_markdown(report: Mapping[str, Any]) -> list[str]:
+  rejected = report["rejected"]
+  md = ["## Rejected", "",
+        _md_table(["reason", "items"], [[k, v] for k, v in rejected.items()])
+        if rejected else "None.", ""]
+  if report["common_failures"]:
+    # Answers quoted as JSON strings (newlines escaped): a table row stays one line.
+    quote = lambda text: json.dumps(text[:160], ensure_ascii=False).replace("|", "\\|")
+    md += ["### Most common failures, with an example each", "",
+           _md_table(["kind", "items", "example item", "the model answered"],
+                     [[f["kind"].replace("|", "\\|"), f["items"], f["key"],
+                       " / ".join(quote(a) for a in f["answers"]) or "-"]
+                      for f in report["common_failures"]]), "",
+           "Every rejected item, with each answer's first "
+           f"{prompting.ANSWER_CHARS} characters: the stage's `*_rejects.jsonl` "
+           "(`raw`).", ""]
+  return md
 
 
 def run_classify(cfg, workdir: str) -> dict[str, Any]:
@@ -354,7 +390,7 @@ def run_classify(cfg, workdir: str) -> dict[str, Any]:
   report.update({
       "follow_ups": len(follow_ups) + len(failed),
       "classified": len(follow_ups),
-      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      **_rejected(rejects, failed),
       "labels": {p: {l: by_part[p][l] for l in labels} for p in by_part},
       "actionable": sum(actionable.values()),
       "actionable_share": round(sum(actionable.values()) / max(1, len(follow_ups)), 4),
@@ -372,7 +408,7 @@ def run_classify(cfg, workdir: str) -> dict[str, Any]:
         "", "## Actionable by split", "",
         _md_table(["split/part", "actionable/classified"],
                   [[k, v] for k, v in report["actionable_by_split"].items()]), ""]
-  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  md += _rejects_markdown(report) + _client_markdown(report)
   write_report(workdir, "classify", report, "\n".join(md))
   _check_stage(cfg, "classify", report["follow_ups"], rejects, workdir)
   return report
@@ -393,7 +429,7 @@ def run_persona(cfg, workdir: str) -> dict[str, Any]:
   report.update({
       "users": len(users),
       "personas": len(personas),
-      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      **_rejected(rejects, skipped),
       "personas_by_split": dict(collections.Counter(split_of[p.user_id]
                                                     for p in personas)),
       "mean_words": round(sum(words) / max(1, len(words)), 1),
@@ -404,7 +440,7 @@ def run_persona(cfg, workdir: str) -> dict[str, Any]:
         f"({', '.join(f'{k}: {v}' for k, v in sorted(report['personas_by_split'].items()))}); "
         f"words per persona: mean {report['mean_words']}, max {report['max_words']} "
         f"(cap {pcfg.max_words}).", ""]
-  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  md += _rejects_markdown(report) + _client_markdown(report)
   write_report(workdir, "persona", report, "\n".join(md))
   asked = len(personas) + sum(r.reason in INFERENCE_FAILURES for r in rejects)
   _check_stage(cfg, "persona", asked, rejects, workdir)
@@ -441,7 +477,7 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
       "pairs_by_split": {s: by_split[s] for s in schema.SPLITS},
       "pairs_without_persona": sum(p.persona is None for p in pairs),
       "pairs_by_label": dict(sorted(collections.Counter(p.label for p in pairs).items())),
-      "rejected": dict(collections.Counter(r.reason for r in rejects)),
+      **_rejected(rejects, failed),
   })
   md = ["# User-guided rewrites", "",
         f"Actionable target follow-ups: {report['actionable_targets']}; pairs kept: "
@@ -450,7 +486,7 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
         f"Mode: {rcfg.mode}; rejected answer: {rcfg.rejected}.", "",
         _md_table(["label", "pairs"], [[k, v] for k, v in
                                         report["pairs_by_label"].items()]), ""]
-  md += _rejects_markdown(report["rejected"]) + _client_markdown(report)
+  md += _rejects_markdown(report) + _client_markdown(report)
   write_report(workdir, "rewrites", report, "\n".join(md))
   _check_stage(cfg, "rewrites", report["actionable_targets"], rejects, workdir)
   return report

@@ -3,7 +3,8 @@
 A model's JSON answer is parsed and validated by a stage-specific function. When it does
 not parse or fails validation, the model is asked once more with the reason appended to
 the conversation; if the second answer fails too, the item is rejected with both
-reasons. Nothing is guessed or repaired beyond stripping a Markdown code fence.
+reasons and the start of both answers (`Failure`), so that the rejects file shows what
+the model said. Nothing is guessed or repaired beyond stripping a Markdown code fence.
 """
 
 from __future__ import annotations
@@ -71,6 +72,53 @@ def require(obj: dict[str, Any], name: str, tp: type, *, non_empty: bool = False
   return value
 
 
+ANSWER_CHARS = 300  # of each failed answer kept with its reject, for inspection
+
+
+class Failure(str):
+  """Why an item failed, as text (what reject reasons and reports read), carrying the
+  start of each answer the model gave and each answer's error.
+
+  A str, so that every {key: reason} map of the stages can hold it beside plain reasons
+  (a persona skipped for too little history, a rewrite set aside by a filter).
+  """
+
+  answers: tuple[str, ...]
+  errors: tuple[str, ...]
+
+  def __new__(cls, reason: str, answers: Sequence[str] = (),
+              errors: Sequence[str] = ()) -> Failure:
+    self = super().__new__(cls, reason)
+    self.answers = tuple(a[:ANSWER_CHARS] for a in answers)
+    self.errors = tuple(errors)
+    return self
+
+
+def answers_of(reason: str) -> tuple[str, ...]:
+  """The answers a reason carries (a `Failure`'s), else ()."""
+  return getattr(reason, "answers", ())
+
+
+def failure_kind(reason: str) -> str:
+  """What kind of failure, with the item's particulars dropped, for counting:
+  'invalid answer: not valid JSON', 'invalid answer: field 'label': expected one of
+  [...]', 'request failed: HTTP 500', 'near_identical'."""
+  errors = getattr(reason, "errors", ())
+  if errors:
+    return "invalid answer: " + _general(errors[-1])
+  head, sep, rest = reason.partition(": ")
+  if sep and head.endswith("failed"):
+    return f"{head}: {_general(rest)}"
+  return _general(head)
+
+
+def _general(error: str) -> str:
+  """'not valid JSON (Expecting value at line 1 column 1)' -> 'not valid JSON';
+  "field 'label': expected str, got 5" -> "field 'label': expected str"."""
+  error = re.sub(r"\s*\((?:[^()]|\([^()]*\))*\)", "", error)
+  return re.split(r",? got |: (?=\S*\d)", error, maxsplit=1)[0].strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonItem:
   key: str  # ChatRequest.key, e.g. 'classify/<hash>/<index>'
@@ -81,7 +129,8 @@ def ask_json(client: InferenceClient, items: Sequence[JsonItem],
              validate: Callable[[dict[str, Any]], T], *, desc: str,
              max_tokens: int = 512, temperature: float = 0.0
              ) -> tuple[dict[str, T], dict[str, str]]:
-  """Asks for a JSON answer per item; returns ({key: record}, {key: reject reason})."""
+  """Asks for a JSON answer per item; returns ({key: record}, {key: reject reason}),
+  each reason a `Failure` with the answers that failed."""
 
   def request(key: str, messages: list[dict[str, str]]) -> ChatRequest:
     return ChatRequest(key=key, messages=tuple(messages), temperature=temperature,
@@ -112,14 +161,16 @@ def ask_json(client: InferenceClient, items: Sequence[JsonItem],
         {"role": "user", "content": render("reask", reason=reason)}])
               for item, bad, reason in retry]
     second = client.chat(reasks, desc=f"{desc} (re-ask)")
-    for (item, _, reason), res in zip(retry, second):
+    for (item, bad, reason), res in zip(retry, second):
       if res.text is None:
-        failed[item.key] = f"invalid answer ({reason}); re-ask failed: {res.error}"
+        failed[item.key] = Failure(
+            f"invalid answer ({reason}); re-ask failed: {res.error}", [bad], [reason])
         continue
       try:
         done[item.key] = check(res.text)
       except ValueError as e:
-        failed[item.key] = f"invalid answer ({reason}); after re-ask: {e}"
+        failed[item.key] = Failure(f"invalid answer ({reason}); after re-ask: {e}",
+                                   [bad, res.text], [reason, str(e)])
     # A rejected item's answers leave the cache, so that a re-run asks again (its
     # re-ask is keyed by the first answer, so both go). An item saved by its re-ask
     # keeps both: a re-run then sends nothing for it.

@@ -195,7 +195,7 @@ def make_pairs(client: InferenceClient, follow_ups: Sequence[FollowUp],
     reason = quality_reason(rewrite, original, conv.messages[f.message_index].content,
                             cfg)
     if reason:
-      failed[req.key] = reason
+      failed[req.key] = prompting.Failure(reason, [rewrite])
       # Not served from the cache again: a re-run asks for a new rewrite.
       client.forget([req])
       continue

@@ -148,7 +148,8 @@ def judge_llm(client: client_lib.InferenceClient, pairs: Sequence[Pair], *,
                          rationale=got["rationale"], error=None))
     else:
       out.append(_record(pair, order, choices=None, winners=None, rationale="",
-                         error=failed[req.key]))
+                         error=str(failed[req.key]),
+                         answers=list(prompting.answers_of(failed[req.key]))))
   return out
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -75,9 +76,15 @@ def _length_check(judgements, pairs, dimensions) -> dict[str, Any]:
       [x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored])}
 
 
-def _rejects(source: str, failures: dict[str, str]) -> list[schema.Reject]:
+def _rejects(source: str, failures: dict[str, str],
+             answers: dict[str, list[str]] | None = None) -> list[schema.Reject]:
+  """`answers`: what the judge answered, by key (`raw`, a JSON list, as in the data
+  stages' rejects)."""
+  answers = answers or {}
   return [schema.Reject(source=source, line=0, reason=pipeline.reason_code(reason),
-                        detail=reason, key=key)
+                        detail=reason, key=key,
+                        raw=json.dumps(answers[key], ensure_ascii=False)
+                        if answers.get(key) else "")
           for key, reason in sorted(failures.items())]
 
 
@@ -184,7 +191,8 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
   # ---- Stats and report --------------------------------------------------------------
   failed = {f"{j['item_id']}/{j['order']}": j["error"] for j in judgements
             if j["winners"] is None}
-  rejects += _rejects("judge", failed)
+  rejects += _rejects("judge", failed, {f"{j['item_id']}/{j['order']}": j.get("answers")
+                                        for j in judgements if j["winners"] is None})
   schema.write_jsonl(path(JUDGEMENTS_FILE), judgements)
   schema.write_jsonl(path(REJECTS_FILE), rejects)
   report = {
