@@ -378,6 +378,39 @@ def test_crash_mid_batch_keeps_finished_answers(tmp_path):
 
 
 @pytest.mark.usefixtures("api_key")
+def test_structured_output_modes_send_the_schema_and_key_the_cache_on_it(tmp_path):
+  schema = {"type": "object", "properties": {"label": {"type": "string",
+                                                       "enum": ["a", "b"]}},
+            "required": ["label"], "additionalProperties": False}
+  text = json.dumps({"name": "classify", "schema": schema})
+  msgs = ({"role": "user", "content": "give json"},)
+  req = ChatRequest(key="k", messages=msgs, json_mode=True, json_schema=text)
+  other_schema = ChatRequest(key="k", messages=msgs, json_mode=True, json_schema=text
+                             .replace('"b"', '"c"'))
+  sent = {}
+  with OpenAIServer() as server:
+    for mode in client_lib.STRUCTURED_OUTPUTS:
+      server.clear()
+      with client_lib.make_client(make_cfg(server, structured_output=mode),
+                                  cache_path=str(tmp_path / "c")) as client:
+        assert client.chat([req])[0].ok
+        # Only a schema the server is sent keys the cache.
+        assert client.chat([other_schema])[0].cached == (mode != "json_schema")
+      sent[mode] = [r.body.get("response_format") for r in server.requests()]
+  assert sent["json_schema"] == [
+      {"type": "json_schema", "json_schema": {"name": "classify", "schema": schema,
+                                              "strict": True}},
+      {"type": "json_schema", "json_schema": {
+          "name": "classify", "strict": True,
+          "schema": json.loads(other_schema.json_schema)["schema"]}}]
+  assert sent["json_object"] == [{"type": "json_object"}]
+  assert sent["none"] == [None]  # a different mode is a different cache entry
+  with pytest.raises(ValueError, match="'structured_output' must be one of "
+                     "'json_schema', 'json_object', 'none', got 'grammar'"):
+    client_lib.make_client(make_cfg(server, structured_output="grammar"))
+
+
+@pytest.mark.usefixtures("api_key")
 def test_cache_key_ignores_item_key_and_dedups_within_a_batch(tmp_path):
   msgs = ({"role": "user", "content": "same prompt"},)
   reqs = [ChatRequest(key="classify/a", messages=msgs),

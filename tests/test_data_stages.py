@@ -15,6 +15,7 @@ import secrets
 import pytest
 
 from configs import data_prep
+from rlhi.data import classify
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.data.samples import build_sample
@@ -329,3 +330,31 @@ def test_regenerated_rejected_answers_come_from_the_policy_client(reference_run,
                           "the last request.")
     if pid in ref_pairs:
       assert (p.chosen, p.prompt) == (ref_pairs[pid].chosen, ref_pairs[pid].prompt)
+
+
+def test_structured_outputs_send_each_stage_its_schema(reference_run, tmp_path):
+  """With structured_output='json_schema' the server is sent each stage's JSON schema
+  (the classifier's labels as an enum), and the outputs are those of the reference."""
+  ref_dir, _ = reference_run
+  cfg = _cfg()
+  _run(cfg, tmp_path, ("ingest",))
+  with OpenAIServer(ScriptedLLM()) as server:
+    cfg = _cfg(server)
+    cfg.client.structured_output = "json_schema"
+    _run(cfg, tmp_path, ("classify", "persona"))
+    formats = [r.body["response_format"] for r in server.requests()]
+  by_name = collections.defaultdict(list)
+  for f in formats:
+    assert f["type"] == "json_schema" and f["json_schema"]["strict"] is True
+    by_name[f["json_schema"]["name"]].append(f["json_schema"]["schema"])
+  assert set(by_name) == {"classify", "persona"}
+  labels = [n for n, _ in classify.ClassifyConfig.from_config(cfg.classify).labels]
+  (classify_schema,) = {json.dumps(s, sort_keys=True) for s in by_name["classify"]}
+  classify_schema = json.loads(classify_schema)
+  assert classify_schema["properties"]["label"] == {"type": "string", "enum": labels}
+  assert classify_schema["required"] == ["label", "actionable", "feedback", "rationale"]
+  assert not classify_schema["additionalProperties"]
+  assert set(by_name["persona"][0]["required"]) == {
+      "summary", "preferences", "expertise", "recurring_topics", "dislikes"}
+  for name in ("follow_ups.jsonl", "personas.jsonl"):
+    assert _read(tmp_path / name) == _read(ref_dir / name), name

@@ -94,6 +94,16 @@ def validator(cfg: ClassifyConfig):
   return validate
 
 
+def answer_schema(cfg: ClassifyConfig) -> dict[str, Any]:
+  """The JSON schema of a classification (what `validator` checks, less the rules
+  across fields)."""
+  return prompting.object_schema({
+      "label": {"type": "string", "enum": [name for name, _ in cfg.labels]},
+      "actionable": {"type": "boolean"},
+      "feedback": prompting.STRING,
+      "rationale": prompting.STRING})
+
+
 def classify(client: InferenceClient, conversations: Sequence[Conversation],
              users: Sequence[User], cfg: ClassifyConfig
              ) -> tuple[list[FollowUp], dict[str, str]]:
@@ -108,7 +118,7 @@ def classify(client: InferenceClient, conversations: Sequence[Conversation],
       items.append(prompting.JsonItem(key, prompt_for(conv, i, cfg)))
       meta[key] = (conv, i, user.split, part)
   done, failed = prompting.ask_json(client, items, validator(cfg), desc="classify",
-                                    max_tokens=cfg.max_tokens)
+                                    schema=answer_schema(cfg), max_tokens=cfg.max_tokens)
   out = []
   for item in items:
     if item.key in done:

@@ -41,6 +41,15 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
                   rlhi/data/samples/reference_annotations.jsonl.
   extra_body      dict merged last into every request JSON (e.g. {'top_k': 20} for
                   vLLM, {'chat_template_kwargs': {...}}); may be empty.
+  structured_output  how a request that wants JSON asks the server for it:
+                  'json_schema' sends the stage's JSON schema as
+                  response_format={'type': 'json_schema', 'json_schema': {'name', 'schema',
+                  'strict': True}} (OpenAI's spelling, accepted by vLLM >= 0.6, SGLang and
+                  the hosted APIs; the server constrains decoding to the schema);
+                  'json_object' (default) sends response_format={'type': 'json_object'}
+                  (any JSON object); 'none' sends neither (servers that refuse or ignore
+                  response_format, e.g. `transformers serve`). The answer is validated
+                  strictly by the stage whatever the mode (rlhi/data/prompting.py).
   checkpoint      'local' backend: an HF checkpoint directory (what rlhi exports to
                   <workdir>/hf, or a released model), a .gguf file or a registered
                   name such as 'smollm2' (rlhi/models/sources.py), generated with
@@ -51,7 +60,8 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
 
 Cache: with `cache_path`, a SQLite file (WAL) wraps the backend. The cache key is the
 sha256 of the canonical JSON of (backend, base_url, model, messages, temperature, top_p,
-max_tokens, json_mode, seed, extra_body); `ChatRequest.key` is not part of it, so the
+max_tokens, json_mode, seed, extra_body, and the JSON schema and structured_output when
+'json_schema' sends one); `ChatRequest.key` is not part of it, so the
 same prompt asked by two stages is paid once. Only successful answers are stored, each
 as soon as it arrives, so a re-run or a run resumed after a crash sends no request that
 already succeeded. Identical requests in one batch are sent once. The file holds hashes,
@@ -104,6 +114,7 @@ from rlhi.models import sources  # no jax: model names, weights files
 _LOG = logging.getLogger(__name__)
 
 BACKENDS = ("openai", "reference", "local")
+STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
 STAT_KEYS = ("requests", "sent", "cached", "failed", "retries", "prompt_tokens",
              "completion_tokens")
 DEFAULT_REFERENCE_PATH = (pathlib.Path(__file__).resolve().parent / "samples" /
@@ -125,7 +136,10 @@ class ChatRequest:
   temperature: float = 0.0
   top_p: float = 1.0
   max_tokens: int = 512
-  json_mode: bool = False  # Asks for response_format={"type": "json_object"}.
+  json_mode: bool = False  # Wants a JSON object (how: config `structured_output`).
+  # The answer's JSON schema, as canonical JSON of {"name", "schema"}
+  # (prompting.schema_text); sent with structured_output='json_schema'.
+  json_schema: str = ""
   seed: int | None = None  # Sent when set; distinct seeds = distinct cache entries.
 
   def __post_init__(self):
@@ -193,6 +207,7 @@ def default_config() -> ml_collections.ConfigDict:
       "backoff_max_s": 60.0,
       "reference_path": "",
       "extra_body": {},
+      "structured_output": "json_object",  # 'json_schema' | 'json_object' | 'none'
       # 'local': an HF checkpoint directory, .gguf file or 'smollm2', served by rlhi's
       # sampler.
       "checkpoint": "",
@@ -262,6 +277,10 @@ def _check_openai_config(values: dict[str, Any]) -> None:
   for reserved in ("messages", "stream"):
     if reserved in extra:
       raise ValueError(f"client config: 'extra_body' may not set '{reserved}'")
+  if values["structured_output"] not in STRUCTURED_OUTPUTS:
+    raise ValueError(f"client config: 'structured_output' must be one of "
+                     f"{', '.join(repr(m) for m in STRUCTURED_OUTPUTS)}, got "
+                     f"{values['structured_output']!r}")
   try:
     json.dumps(dict(extra))
   except (TypeError, ValueError) as e:
@@ -351,6 +370,12 @@ class InferenceClient(abc.ABC):
     """What, besides the request, decides the answer (goes into the cache key)."""
     return {"backend": self.kind}
 
+  def sends_schema(self, request: ChatRequest) -> bool:
+    """Whether the answer to `request` is constrained by its JSON schema (then the
+    schema is part of its cache key)."""
+    del request
+    return False
+
   def cache_payload(self, request: ChatRequest) -> dict[str, Any]:
     """Everything that decides the answer to `request`; its hash is the cache key."""
     return {
@@ -362,6 +387,7 @@ class InferenceClient(abc.ABC):
         "max_tokens": int(request.max_tokens),
         "json_mode": bool(request.json_mode),
         "seed": request.seed,
+        **({"json_schema": request.json_schema} if self.sends_schema(request) else {}),
     }
 
   @abc.abstractmethod
@@ -477,12 +503,14 @@ class OpenAIClient(InferenceClient):
   def __init__(self, *, base_url: str, model: str, api_key_env: str = "",
                concurrency: int = 32, timeout_s: float = 120.0, max_retries: int = 5,
                backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
-               extra_body: Mapping[str, Any] | None = None):
+               extra_body: Mapping[str, Any] | None = None,
+               structured_output: str = "json_object"):
     super().__init__()
     values = dict(base_url=base_url, model=model, api_key_env=api_key_env,
                   concurrency=concurrency, timeout_s=timeout_s, max_retries=max_retries,
                   backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-                  extra_body=dict(extra_body or {}))
+                  extra_body=dict(extra_body or {}),
+                  structured_output=structured_output)
     _check_openai_config(values)
     api_key = ""
     if api_key_env:
@@ -500,6 +528,7 @@ class OpenAIClient(InferenceClient):
     self.backoff_base_s = float(backoff_base_s)
     self.backoff_max_s = float(backoff_max_s)
     self.extra_body = dict(extra_body or {})
+    self.structured_output = structured_output
     self._url = yarl.URL(self.base_url + "/chat/completions")  # Parsed once, not per call.
     # user:password@ in a URL is a credential too: keep it out of the name.
     parts = urllib.parse.urlsplit(self.base_url)
@@ -512,8 +541,25 @@ class OpenAIClient(InferenceClient):
     self._finalizer: weakref.finalize | None = None
 
   def cache_identity(self) -> dict[str, Any]:
+    # structured_output only when not the default, so that caches written before it
+    # existed (json_object) keep their keys.
+    mode = ({} if self.structured_output == "json_object"
+            else {"structured_output": self.structured_output})
     return {"backend": self.kind, "base_url": self.base_url, "model": self.model,
-            "extra_body": self.extra_body}
+            "extra_body": self.extra_body, **mode}
+
+  def sends_schema(self, request: ChatRequest) -> bool:
+    return (request.json_mode and bool(request.json_schema)
+            and self.structured_output == "json_schema")
+
+  def response_format(self, request: ChatRequest) -> dict[str, Any] | None:
+    """The request's `response_format`, as config `structured_output` spells it."""
+    if not request.json_mode or self.structured_output == "none":
+      return None
+    if self.sends_schema(request):
+      return {"type": "json_schema", "json_schema": {**json.loads(request.json_schema),
+                                                     "strict": True}}
+    return {"type": "json_object"}
 
   def close(self) -> None:
     with self._loop_lock:
@@ -553,8 +599,9 @@ class OpenAIClient(InferenceClient):
         "top_p": request.top_p,
         "max_tokens": request.max_tokens,
     }
-    if request.json_mode:
-      body["response_format"] = {"type": "json_object"}
+    response_format = self.response_format(request)
+    if response_format is not None:
+      body["response_format"] = response_format
     if request.seed is not None:
       body["seed"] = request.seed
     body.update(self.extra_body)
@@ -1029,7 +1076,7 @@ def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
         api_key_env=values["api_key_env"], concurrency=values["concurrency"],
         timeout_s=values["timeout_s"], max_retries=values["max_retries"],
         backoff_base_s=values["backoff_base_s"], backoff_max_s=values["backoff_max_s"],
-        extra_body=values["extra_body"])
+        extra_body=values["extra_body"], structured_output=values["structured_output"])
   elif backend == "reference":
     if not isinstance(values["reference_path"], str):
       raise ValueError(f"client config: 'reference_path' must be a path string, got "

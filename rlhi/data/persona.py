@@ -114,6 +114,12 @@ def cap_words(card: dict[str, Any], max_words: int) -> dict[str, Any]:
   return card
 
 
+CARD_SCHEMA = prompting.object_schema({
+    "summary": prompting.STRING, "preferences": prompting.STRINGS,
+    "expertise": prompting.STRING, "recurring_topics": prompting.STRINGS,
+    "dislikes": prompting.STRINGS})
+
+
 def validate_card(obj: dict[str, Any]) -> dict[str, Any]:
   card = dict(summary=prompting.require(obj, "summary", str, non_empty=True).strip(),
               preferences=prompting.require(obj, "preferences", list),
@@ -162,7 +168,7 @@ def infer_personas(client: InferenceClient, users: Sequence[User],
     histories[user.user_id] = history
     items.append(prompting.JsonItem(item_key(user.user_id), prompt_for(history, cfg)))
   done, failed = prompting.ask_json(client, items, validate_card, desc="persona",
-                                    max_tokens=cfg.max_tokens)
+                                    schema=CARD_SCHEMA, max_tokens=cfg.max_tokens)
   personas = []
   for user in users:
     key = item_key(user.user_id)

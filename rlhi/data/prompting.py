@@ -5,6 +5,10 @@ not parse or fails validation, the model is asked once more with the reason appe
 the conversation; if the second answer fails too, the item is rejected with both
 reasons and the start of both answers (`Failure`), so that the rejects file shows what
 the model said. Nothing is guessed or repaired beyond stripping a Markdown code fence.
+
+Each stage also declares its answer as a JSON schema (`object_schema`); the client sends
+it where its server constrains decoding to a schema (client config `structured_output`:
+'json_schema'), and the validation here stays as strict either way.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import jinja2
 
@@ -119,6 +123,24 @@ def _general(error: str) -> str:
   return re.split(r",? got |: (?=\S*\d)", error, maxsplit=1)[0].strip()
 
 
+def object_schema(properties: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """A JSON schema of an object with exactly these properties, all required: the form
+  strict structured outputs accept (OpenAI's strict mode requires both)."""
+  return {"type": "object", "properties": dict(properties),
+          "required": list(properties), "additionalProperties": False}
+
+
+STRING = {"type": "string"}
+STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+def schema_text(name: str, schema: Mapping[str, Any]) -> str:
+  """ChatRequest.json_schema: canonical JSON of {"name", "schema"} (hashable, and the
+  same text for the same schema, so that it keys the request cache)."""
+  return json.dumps({"name": name, "schema": schema}, sort_keys=True,
+                    separators=(",", ":"))
+
+
 @dataclasses.dataclass(frozen=True)
 class JsonItem:
   key: str  # ChatRequest.key, e.g. 'classify/<hash>/<index>'
@@ -127,14 +149,20 @@ class JsonItem:
 
 def ask_json(client: InferenceClient, items: Sequence[JsonItem],
              validate: Callable[[dict[str, Any]], T], *, desc: str,
-             max_tokens: int = 512, temperature: float = 0.0
-             ) -> tuple[dict[str, T], dict[str, str]]:
+             schema: Mapping[str, Any] | None = None, max_tokens: int = 512,
+             temperature: float = 0.0) -> tuple[dict[str, T], dict[str, str]]:
   """Asks for a JSON answer per item; returns ({key: record}, {key: reject reason}),
-  each reason a `Failure` with the answers that failed."""
+  each reason a `Failure` with the answers that failed.
+
+  `schema`: the answer's JSON schema (named after `desc`), sent where the client's
+  server takes one; `validate` is the judge of an answer either way.
+  """
+  json_schema = (schema_text(re.sub(r"\W+", "_", desc).strip("_"), schema)
+                 if schema else "")
 
   def request(key: str, messages: list[dict[str, str]]) -> ChatRequest:
     return ChatRequest(key=key, messages=tuple(messages), temperature=temperature,
-                       max_tokens=max_tokens, json_mode=True)
+                       max_tokens=max_tokens, json_mode=True, json_schema=json_schema)
 
   def check(text: str) -> T:
     return validate(parse_json_object(text))

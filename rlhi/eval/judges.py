@@ -136,9 +136,12 @@ def judge_llm(client: client_lib.InferenceClient, pairs: Sequence[Pair], *,
                            max_context_messages=max_context_messages,
                            max_chars_per_message=max_chars_per_message,
                            max_answer_chars=max_answer_chars)) for p, o in jobs]
+  schema = prompting.object_schema(
+      {**{d: {"type": "string", "enum": ["A", "B", "tie"]} for d in dimensions},
+       "rationale": prompting.STRING})
   done, failed = prompting.ask_json(
       client, requests, lambda obj: parse_choices(obj, dimensions), desc="usereval judge",
-      max_tokens=max_tokens, temperature=temperature)
+      schema=schema, max_tokens=max_tokens, temperature=temperature)
   out = []
   for (pair, order), req in zip(jobs, requests):
     if req.key in done:
