@@ -130,6 +130,63 @@ def test_concurrency_bound_is_respected():
   assert in_flight["max"] == 4
 
 
+def _counting_responder(in_flight, name):
+  async def responder(request_json):
+    del request_json
+    in_flight[name] += 1
+    in_flight[name + "/max"] = max(in_flight[name + "/max"], in_flight[name])
+    await asyncio.sleep(0.02)
+    in_flight[name] -= 1
+    return "ok from " + name
+  return responder
+
+
+@pytest.mark.usefixtures("api_key")
+def test_replicas_share_the_load_within_their_concurrency():
+  in_flight = collections.Counter()
+  with OpenAIServer(_counting_responder(in_flight, "a")) as a, \
+       OpenAIServer(_counting_responder(in_flight, "b")) as b:
+    cfg = make_cfg(a, base_url=f"{a.base_url}, {b.base_url}", concurrency=3)
+    with client_lib.make_client(cfg, cache_path=None) as client:
+      results = client.chat(make_requests(60))
+      stats = client.replica_stats()
+      assert client.name.endswith("(+1 replicas) model=test-model")
+    served = collections.Counter(r.text for r in results)
+  assert all(r.ok for r in results)
+  # 3 in flight on each, never more; the work split about evenly.
+  assert (in_flight["a/max"], in_flight["b/max"]) == (3, 3)
+  assert served["ok from a"] + served["ok from b"] == 60
+  assert min(served.values()) >= 20, served
+  assert stats == [{"url": a.base_url, "sent": served["ok from a"], "failed": 0},
+                   {"url": b.base_url, "sent": served["ok from b"], "failed": 0}]
+
+
+@pytest.mark.usefixtures("api_key")
+def test_a_failing_replica_is_avoided_and_retries_go_to_another(tmp_path):
+  with OpenAIServer(lambda body: "fine") as good, \
+       OpenAIServer(permanent=lambda body: "500") as bad:
+    # A list, in a plain dict config (a ConfigDict field holds one type: a string).
+    cfg = dict(make_cfg(good, max_retries=1, concurrency=2, backoff_base_s=0.5,
+                        backoff_max_s=1.0).to_dict(),
+               base_url=[bad.base_url, good.base_url])
+    with client_lib.make_client(cfg, cache_path=str(tmp_path / "c")) as client:
+      results = client.chat(make_requests(40))
+      stats = client.replica_stats()
+    # Every item is answered: a request that failed on `bad` was retried on `good`.
+    assert all(r.ok and r.text == "fine" for r in results)
+    bad_sent = len(bad.requests())
+  assert stats[0] == {"url": bad.base_url, "sent": bad_sent, "failed": bad_sent}
+  assert stats[1]["failed"] == 0 and stats[1]["sent"] == 40
+  # After its first failures the bad replica cools down: it got a few requests only.
+  assert 1 <= bad_sent <= 4, bad_sent
+  # The replicas' set keys the cache, whatever their order.
+  cfg["base_url"] = f"{good.base_url},{bad.base_url}"
+  with client_lib.make_client(cfg, cache_path=str(tmp_path / "c")) as client:
+    assert all(r.cached for r in client.chat(make_requests(40)))
+  with pytest.raises(ValueError, match="lists a replica twice"):
+    client_lib.make_client(make_cfg(good, base_url=f"{good.base_url} {good.base_url}"))
+
+
 @pytest.mark.usefixtures("api_key")
 def test_progress_bar_and_empty_batch(capsys):
   with OpenAIServer() as server:

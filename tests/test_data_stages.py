@@ -358,3 +358,18 @@ def test_structured_outputs_send_each_stage_its_schema(reference_run, tmp_path):
       "summary", "preferences", "expertise", "recurring_topics", "dislikes"}
   for name in ("follow_ups.jsonl", "personas.jsonl"):
     assert _read(tmp_path / name) == _read(ref_dir / name), name
+
+
+def test_a_stage_over_two_replicas_reports_each(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  _run(_cfg(), tmp_path, ("ingest",))
+  with OpenAIServer(ScriptedLLM()) as a, OpenAIServer(ScriptedLLM()) as b:
+    cfg = _cfg(a)
+    cfg.client.base_url = f"{a.base_url},{b.base_url}"
+    report = pipeline.run_stage("classify", cfg, str(tmp_path))
+    sent = (len(a.requests()), len(b.requests()))
+  assert [r["url"] for r in report["replicas"]] == [a.base_url, b.base_url]
+  assert tuple(r["sent"] for r in report["replicas"]) == sent and min(sent) > 0
+  assert "| replica | HTTP sent | failed attempts |" in (
+      tmp_path / "classify_report.md").read_text()
+  assert _read(tmp_path / "follow_ups.jsonl") == _read(ref_dir / "follow_ups.jsonl")

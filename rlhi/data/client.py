@@ -20,13 +20,18 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
   backend         'openai' | 'reference' | 'local'.
   base_url        OpenAI-compatible server root, e.g. 'http://127.0.0.1:8000/v1'
                   (vLLM, SGLang, TGI, llama.cpp, Ollama, or a hosted API); requests go
-                  to f'{base_url}/chat/completions'.
+                  to f'{base_url}/chat/completions'. Several replicas of one model: a
+                  list, or one string separated by commas ('http://a:8000/v1,
+                  http://b:8000/v1'); each request goes to the replica with the fewest
+                  in flight, away from one that just failed (it cools down for the
+                  backoff time) and, on a retry, to another replica than its last
+                  attempt's. `replica_stats()` counts requests and failures per replica.
   model           the model name the server expects (vLLM: --served-model-name).
   api_key_env     NAME of the environment variable holding the API key; '' for a server
                   without auth. The key is read once at construction, sent as
                   'Authorization: Bearer', and never logged, cached, or shown in `name`,
                   errors or reprs.
-  concurrency     requests in flight at once.
+  concurrency     requests in flight at once, per replica.
   timeout_s       per-attempt timeout of one HTTP request, in seconds.
   max_retries     retries after the first attempt (so max_retries + 1 attempts) on 429,
                   408/409/425, 5xx, timeouts, connection errors and undecodable or
@@ -93,6 +98,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import sqlite3
 import threading
 import time
@@ -193,6 +199,21 @@ OnResult = Callable[[int, ChatResult], None]
 # ----------------------------------------------------------------------------------------
 
 
+def base_urls(value: Any) -> list[str]:
+  """config `base_url` -> the replicas' URLs: a string (several separated by commas or
+  whitespace) or a list of strings."""
+  if isinstance(value, str):
+    urls = [u for u in re.split(r"[,\s]+", value) if u]
+  elif isinstance(value, Sequence) and all(isinstance(u, str) for u in value):
+    urls = list(value)
+  else:
+    raise ValueError(f"client config: 'base_url' must be a URL, a comma-separated list "
+                     f"of URLs or a list of strings, got {value!r:.200}")
+  if not urls:
+    raise ValueError("client config: 'base_url' is empty")
+  return [u.rstrip("/") for u in urls]
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every client field with its default (see the module docstring)."""
   return ml_collections.ConfigDict({
@@ -250,16 +271,19 @@ def _check_number(values: dict[str, Any], name: str, *, integer: bool, minimum: 
 
 
 def _check_openai_config(values: dict[str, Any]) -> None:
-  base_url = values["base_url"]
-  if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-    raise ValueError(f"client config: 'base_url' must start with http:// or https://, "
-                     f"got {base_url!r}")
-  if not urllib.parse.urlsplit(base_url).hostname:
-    raise ValueError(f"client config: 'base_url' has no host: {base_url!r}")
-  if base_url.rstrip("/").endswith("/chat/completions"):
-    raise ValueError(f"client config: 'base_url' is the server root (e.g. "
-                     f"'http://host:8000/v1'), without '/chat/completions'; got "
-                     f"{base_url!r}")
+  urls = base_urls(values["base_url"])
+  for base_url in urls:
+    if not base_url.startswith(("http://", "https://")):
+      raise ValueError(f"client config: 'base_url' must start with http:// or "
+                       f"https://, got {base_url!r}")
+    if not urllib.parse.urlsplit(base_url).hostname:
+      raise ValueError(f"client config: 'base_url' has no host: {base_url!r}")
+    if base_url.endswith("/chat/completions"):
+      raise ValueError(f"client config: 'base_url' is the server root (e.g. "
+                       f"'http://host:8000/v1'), without '/chat/completions'; got "
+                       f"{base_url!r}")
+  if len(set(urls)) != len(urls):
+    raise ValueError(f"client config: 'base_url' lists a replica twice: {urls}")
   if not isinstance(values["model"], str) or not values["model"]:
     raise ValueError("client config: 'model' is empty; set the model name the server "
                      "serves (vLLM: --served-model-name)")
@@ -354,6 +378,11 @@ class InferenceClient(abc.ABC):
     with self._stats_lock:
       return {k: int(self._counters[k]) for k in STAT_KEYS}
 
+  def replica_stats(self) -> list[dict[str, Any]]:
+    """Per server replica (the openai backend with several base URLs): url, sent,
+    failed (attempts); [] for one server or another backend."""
+    return []
+
   def close(self) -> None:
     """Releases connections and files; the client must not be used afterwards."""
 
@@ -428,6 +457,18 @@ class _Failure:
   retry_after_s: float | None = None
 
 
+@dataclasses.dataclass
+class _Replica:
+  """One server of the openai backend, as the request router sees it."""
+  url: yarl.URL  # .../chat/completions
+  shown: str  # base URL without credentials, for errors and stats
+  in_flight: int = 0
+  sent: int = 0
+  failed: int = 0
+  consecutive_failures: int = 0
+  cool_until: float = 0.0  # time.monotonic() before which it is used only if all are
+
+
 class _Secret:
   """Holds the Authorization header so that no repr, vars() dump or log shows it."""
 
@@ -500,7 +541,7 @@ class OpenAIClient(InferenceClient):
 
   kind = "openai"
 
-  def __init__(self, *, base_url: str, model: str, api_key_env: str = "",
+  def __init__(self, *, base_url: str | Sequence[str], model: str, api_key_env: str = "",
                concurrency: int = 32, timeout_s: float = 120.0, max_retries: int = 5,
                backoff_base_s: float = 1.0, backoff_max_s: float = 60.0,
                extra_body: Mapping[str, Any] | None = None,
@@ -520,7 +561,8 @@ class OpenAIClient(InferenceClient):
                          f"environment variable that is unset or empty; export it, or "
                          f"set api_key_env='' for a server without auth")
     self._secret = _Secret(api_key)
-    self.base_url = base_url.rstrip("/")
+    urls = base_urls(base_url)
+    self.base_url = urls[0] if len(urls) == 1 else urls
     self.model = model
     self.concurrency = int(concurrency)
     self.timeout_s = float(timeout_s)
@@ -529,11 +571,11 @@ class OpenAIClient(InferenceClient):
     self.backoff_max_s = float(backoff_max_s)
     self.extra_body = dict(extra_body or {})
     self.structured_output = structured_output
-    self._url = yarl.URL(self.base_url + "/chat/completions")  # Parsed once, not per call.
-    # user:password@ in a URL is a credential too: keep it out of the name.
-    parts = urllib.parse.urlsplit(self.base_url)
-    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2])
-    self.name = f"openai:{urllib.parse.urlunsplit(shown)} model={model}"
+    # URLs parsed once, not per call.
+    self._replicas = [_Replica(yarl.URL(u + "/chat/completions"), _without_credentials(u))
+                      for u in urls]
+    more = f" (+{len(urls) - 1} replicas)" if len(urls) > 1 else ""
+    self.name = f"openai:{self._replicas[0].shown}{more} model={model}"
     self._rng = random.Random()
     self._loop_lock = threading.Lock()
     self._loop_thread: _LoopThread | None = None
@@ -545,8 +587,18 @@ class OpenAIClient(InferenceClient):
     # existed (json_object) keep their keys.
     mode = ({} if self.structured_output == "json_object"
             else {"structured_output": self.structured_output})
-    return {"backend": self.kind, "base_url": self.base_url, "model": self.model,
+    # Several replicas: the set of them (sorted), so that their order does not matter.
+    base_url = (self.base_url if isinstance(self.base_url, str)
+                else sorted(self.base_url))
+    return {"backend": self.kind, "base_url": base_url, "model": self.model,
             "extra_body": self.extra_body, **mode}
+
+  def replica_stats(self) -> list[dict[str, Any]]:
+    if len(self._replicas) == 1:
+      return []
+    with self._stats_lock:
+      return [{"url": r.shown, "sent": r.sent, "failed": r.failed}
+              for r in self._replicas]
 
   def sends_schema(self, request: ChatRequest) -> bool:
     return (request.json_mode and bool(request.json_schema)
@@ -583,7 +635,8 @@ class OpenAIClient(InferenceClient):
       return self._loop_thread
 
   def _make_session(self) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=self.concurrency, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=self.concurrency * len(self._replicas),
+                                     limit_per_host=self.concurrency, ttl_dns_cache=300)
     # trust_env=False: never route the Bearer key through an HTTP(S)_PROXY from the
     # environment by surprise.
     return aiohttp.ClientSession(
@@ -616,7 +669,8 @@ class OpenAIClient(InferenceClient):
     if lt.session is None:
       lt.session = self._make_session()
       # Shared by concurrent chat() calls from several threads: one bound per client.
-      lt.semaphore = asyncio.Semaphore(self.concurrency)
+      # Requests go to the least-loaded replica, so `concurrency` per replica holds.
+      lt.semaphore = asyncio.Semaphore(self.concurrency * len(self._replicas))
     session, semaphore = lt.session, lt.semaphore
     loop = asyncio.get_running_loop()
     n = len(requests)
@@ -625,6 +679,7 @@ class OpenAIClient(InferenceClient):
       queue.put_nowait(i)
     bodies: list[bytes | None] = [None] * n
     failures: list[list[_Failure]] = [[] for _ in range(n)]
+    last_replica: list[int | None] = [None] * n
     timers: set[asyncio.TimerHandle] = set()
     done = loop.create_future()
     remaining = n
@@ -654,7 +709,9 @@ class OpenAIClient(InferenceClient):
                                    error=f"request could not be encoded as JSON: {e}"))
               continue
           async with semaphore:
-            outcome = await self._attempt(session, bodies[i])
+            r = self._pick_replica(avoid=last_replica[i])
+            last_replica[i] = r
+            outcome = await self._attempt_on(r, session, bodies[i])
           attempts = len(failures[i]) + 1
           self._count(sent=1, retries=int(attempts > 1))
           if isinstance(outcome, _Answer):
@@ -679,7 +736,8 @@ class OpenAIClient(InferenceClient):
         if not done.done():
           done.set_exception(e)
 
-    workers = [asyncio.create_task(worker()) for _ in range(min(self.concurrency, n))]
+    workers = [asyncio.create_task(worker())
+               for _ in range(min(self.concurrency * len(self._replicas), n))]
     try:
       await done
     finally:
@@ -696,10 +754,40 @@ class OpenAIClient(InferenceClient):
     ceiling = min(self.backoff_max_s, self.backoff_base_s * 2.0**(attempts - 1))
     return self._rng.uniform(0.0, ceiling)
 
-  async def _attempt(self, session: aiohttp.ClientSession,
+  def _pick_replica(self, avoid: int | None) -> int:
+    """The replica for the next attempt: not cooling down after a failure, fewest in
+    flight, fewest failures in a row; another than `avoid` (a retry's last) if any."""
+    now = time.monotonic()
+    return min(range(len(self._replicas)), key=lambda i: (
+        i == avoid and len(self._replicas) > 1, self._replicas[i].cool_until > now,
+        self._replicas[i].in_flight, self._replicas[i].consecutive_failures, i))
+
+  async def _attempt_on(self, index: int, session: aiohttp.ClientSession,
+                        body: bytes) -> _Answer | _Failure:
+    replica = self._replicas[index]
+    replica.in_flight += 1  # only the event loop's thread touches in_flight
+    try:
+      outcome = await self._attempt(session, replica.url, body)
+    finally:
+      replica.in_flight -= 1
+    with self._stats_lock:
+      replica.sent += 1
+      if isinstance(outcome, _Failure):
+        replica.failed += 1
+        replica.consecutive_failures += 1
+        replica.cool_until = time.monotonic() + min(
+            self.backoff_max_s,
+            self.backoff_base_s * 2.0**(replica.consecutive_failures - 1))
+      else:
+        replica.consecutive_failures, replica.cool_until = 0, 0.0
+    if isinstance(outcome, _Failure) and len(self._replicas) > 1:
+      outcome = dataclasses.replace(outcome, detail=f"[{replica.shown}] {outcome.detail}")
+    return outcome
+
+  async def _attempt(self, session: aiohttp.ClientSession, url: yarl.URL,
                      body: bytes) -> _Answer | _Failure:
     try:
-      async with session.post(self._url, data=body, headers=self._secret.headers) as resp:
+      async with session.post(url, data=body, headers=self._secret.headers) as resp:
         raw = await resp.read()
         status = resp.status
         retry_after = resp.headers.get("Retry-After")
@@ -775,6 +863,12 @@ def _parse_retry_after(value: str | None) -> float | None:
 def _clip(text: str, limit: int = _MAX_DETAIL_CHARS) -> str:
   text = " ".join(text.split())
   return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _without_credentials(url: str) -> str:
+  """user:password@ in a URL is a credential too: keep it out of names and errors."""
+  parts = urllib.parse.urlsplit(url)
+  return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def _summarize(failures: list[_Failure]) -> str:
@@ -1042,6 +1136,9 @@ class CachedClient(InferenceClient):
 
   def forget(self, requests: Sequence[ChatRequest]) -> None:
     self.cache.delete_many(self.key_for(r) for r in requests)
+
+  def replica_stats(self) -> list[dict[str, Any]]:
+    return self.inner.replica_stats()
 
   def stats(self) -> dict[str, int]:
     merged = self.inner.stats()

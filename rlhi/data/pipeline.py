@@ -340,16 +340,23 @@ def _rejected(rejects: list[schema.Reject], failed: Mapping[str, str], n: int = 
 
 
 def _client_section(client: client_lib.InferenceClient) -> dict[str, Any]:
-  return {"client": client.name, "requests": client.stats()}
+  replicas = client.replica_stats()
+  return {"client": client.name, "requests": client.stats(),
+          **({"replicas": replicas} if replicas else {})}
 
 
 def _client_markdown(report: Mapping[str, Any]) -> list[str]:
   s = report["requests"]
-  return ["## Inference", "", f"Client: {report['client']}", "",
-          _md_table(["items asked", "HTTP sent", "from cache", "failed", "retries",
-                     "prompt tokens", "completion tokens"],
-                    [[s["requests"], s["sent"], s["cached"], s["failed"], s["retries"],
-                      s["prompt_tokens"], s["completion_tokens"]]]), ""]
+  md = ["## Inference", "", f"Client: {report['client']}", "",
+        _md_table(["items asked", "HTTP sent", "from cache", "failed", "retries",
+                   "prompt tokens", "completion tokens"],
+                  [[s["requests"], s["sent"], s["cached"], s["failed"], s["retries"],
+                    s["prompt_tokens"], s["completion_tokens"]]]), ""]
+  if report.get("replicas"):
+    md += [_md_table(["replica", "HTTP sent", "failed attempts"],
+                     [[r["url"], r["sent"], r["failed"]] for r in report["replicas"]]),
+           ""]
+  return md
 
 
 def _rejects_markdown(report: Mapping[str, Any]) -> list[str]:
