@@ -60,6 +60,6 @@ setuptools.setup(
         # The TPU compiler alone, for experiments/compile.py and tests/test_compile_tpu.py
         # on a machine without a TPU: the libtpu that jax 0.10.2's `tpu` extra names
         # (0.0.42.*), at the version tested.
-        "tpu_compile": ["libtpu==0.0.42.1"],
+        "tpu-compile": ["libtpu==0.0.42.1"],
     },
 )

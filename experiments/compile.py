@@ -1,6 +1,6 @@
 r"""Will it fit? Compile an experiment's steps for a TPU slice, on this machine.
 
-  pip install -e '.[tpu_compile]'      # libtpu: the TPU compiler, no TPU needed
+  pip install -e '.[tpu-compile]'      # libtpu: the TPU compiler, no TPU needed
   python -m experiments.compile --config configs/dpo.py:rewrites,llama3_8b \
       --topology v5litepod-64 --config.batch_size=128
 

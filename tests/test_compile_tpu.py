@@ -4,7 +4,7 @@ The compiled programs' parameter, optimizer-state, batch and KV-cache shardings 
 checked against a table written out here by hand (not derived from
 sharding.DEFAULT_RULES, so that removing or changing a rule fails), and the per-chip
 argument bytes against the parameter shapes divided by those shardings. The TPU tests
-need libtpu (`pip install -e '.[tpu_compile]'`), are skipped without it and are marked
+need libtpu (`pip install -e '.[tpu-compile]'`), are skipped without it and are marked
 slow (CI runs them); the same checks run on 4 simulated CPU devices, and the HLO
 reader, the accelerator names and the roofline are checked on hand-computed cases,
 always.
@@ -33,7 +33,7 @@ from rlhi.models import llama
 
 _LIBTPU = pytest.mark.skipif(
     not topology.libtpu_available(),
-    reason="libtpu is not installed: pip install -e '.[tpu_compile]'")
+    reason="libtpu is not installed: pip install -e '.[tpu-compile]'")
 
 
 def needs_libtpu(test):

@@ -180,21 +180,24 @@ def test_stages_and_the_judge_through_transformers_serve(server, sample):
                  *(j["error"] for j in judged if j["error"])]:
     assert reason.startswith("invalid answer"), reason
   for reason in classify_failed.values():
-    assert prompting.answers_of(reason) and all(prompting.answers_of(reason)), reason
+    assert len(prompting.answers_of(reason)) == 2, reason  # the answer and the re-ask's
   for j in judged:
     assert (j["winners"] is None) == bool(j["error"])
     if j["error"]:
-      assert j["answers"] and all(j["answers"])
+      assert len(j["answers"]) == 2
   # Token accounting is the server's `usage`: its prompt count is what the SmolLM2
-  # tokenizer makes of the chat template, its completion count that of the answer
-  # (+1 when the answer ended with the end-of-turn token).
+  # tokenizer makes of the chat template, its completion count that of the answer (+1
+  # for the end-of-turn token; re-encoding a generated text may merge a few tokens
+  # differently, hence the 5% slack), within max_tokens.
   tok = tok_lib.load_tokenizer(model_dir)
   fmt = tok_lib.ChatFormatter(tok)
   for req, res in client.log:
     prompt = fmt.encode([dict(m) for m in req.messages]).prompt_ids
     assert res.prompt_tokens == len(prompt), req.key
     completion = len(tok.encode(res.text, add_special_tokens=False))
-    assert res.completion_tokens - completion in (0, 1), (req.key, res.text)
+    assert abs(res.completion_tokens - completion) <= 1 + completion // 20, (
+        req.key, res.completion_tokens, completion, res.text)
+    assert 0 < res.completion_tokens <= req.max_tokens, req.key
   assert stats["prompt_tokens"] == sum(r.prompt_tokens for _, r in client.log)
   assert stats["completion_tokens"] == sum(r.completion_tokens for _, r in client.log)
   print(json.dumps({

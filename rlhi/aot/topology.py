@@ -123,7 +123,7 @@ def parse(name: str) -> Slice:
 
 
 def devices(s: Slice) -> list[Any]:
-  """Compile-only TPU devices of the slice (needs `pip install -e '.[tpu_compile]'`).
+  """Compile-only TPU devices of the slice (needs `pip install -e '.[tpu-compile]'`).
 
   Works on a machine without a TPU and with JAX_PLATFORMS=cpu: jax's TPU plugin
   (libtpu) provides a compile-only client for the topology; arrays cannot be placed on
@@ -143,7 +143,7 @@ def devices(s: Slice) -> list[Any]:
   except Exception as e:  # pylint: disable=broad-except
     if not libtpu_available():
       raise RuntimeError(
-          "compiling for TPU needs libtpu: pip install -e '.[tpu_compile]' "
+          "compiling for TPU needs libtpu: pip install -e '.[tpu-compile]' "
           "(the version setup.py pins for this jax)") from e
     raise RuntimeError(f"libtpu could not describe topology {s.topology}: {e}") from e
   return list(topo.devices)
