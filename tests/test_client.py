@@ -452,7 +452,8 @@ def test_structured_output_modes_send_the_schema_and_key_the_cache_on_it(tmp_pat
                                   cache_path=str(tmp_path / "c")) as client:
         assert client.chat([req])[0].ok
         # Only a schema the server is sent keys the cache.
-        assert client.chat([other_schema])[0].cached == (mode != "json_schema")
+        sends = mode in ("json_schema", "json_object_schema")
+        assert client.chat([other_schema])[0].cached == (not sends)
       sent[mode] = [r.body.get("response_format") for r in server.requests()]
   assert sent["json_schema"] == [
       {"type": "json_schema", "json_schema": {"name": "classify", "schema": schema,
@@ -460,10 +461,14 @@ def test_structured_output_modes_send_the_schema_and_key_the_cache_on_it(tmp_pat
       {"type": "json_schema", "json_schema": {
           "name": "classify", "strict": True,
           "schema": json.loads(other_schema.json_schema)["schema"]}}]
+  assert sent["json_object_schema"] == [
+      {"type": "json_object", "schema": schema},
+      {"type": "json_object", "schema": json.loads(other_schema.json_schema)["schema"]}]
   assert sent["json_object"] == [{"type": "json_object"}]
   assert sent["none"] == [None]  # a different mode is a different cache entry
   with pytest.raises(ValueError, match="'structured_output' must be one of "
-                     "'json_schema', 'json_object', 'none', got 'grammar'"):
+                     "'json_schema', 'json_object_schema', 'json_object', 'none', got "
+                     "'grammar'"):
     client_lib.make_client(make_cfg(server, structured_output="grammar"))
 
 

@@ -51,6 +51,9 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
                   response_format={'type': 'json_schema', 'json_schema': {'name', 'schema',
                   'strict': True}} (OpenAI's spelling, accepted by vLLM >= 0.6, SGLang and
                   the hosted APIs; the server constrains decoding to the schema);
+                  'json_object_schema' sends response_format={'type': 'json_object',
+                  'schema': ...}, the spelling of llama-cpp-python's server (and
+                  llama.cpp's llama-server), which refuses 'json_schema';
                   'json_object' (default) sends response_format={'type': 'json_object'}
                   (any JSON object); 'none' sends neither (servers that refuse or ignore
                   response_format, e.g. `transformers serve`). The answer is validated
@@ -120,7 +123,7 @@ from rlhi.models import sources  # no jax: model names, weights files
 _LOG = logging.getLogger(__name__)
 
 BACKENDS = ("openai", "reference", "local")
-STRUCTURED_OUTPUTS = ("json_schema", "json_object", "none")
+STRUCTURED_OUTPUTS = ("json_schema", "json_object_schema", "json_object", "none")
 STAT_KEYS = ("requests", "sent", "cached", "failed", "retries", "prompt_tokens",
              "completion_tokens")
 DEFAULT_REFERENCE_PATH = (pathlib.Path(__file__).resolve().parent / "samples" /
@@ -228,7 +231,8 @@ def default_config() -> ml_collections.ConfigDict:
       "backoff_max_s": 60.0,
       "reference_path": "",
       "extra_body": {},
-      "structured_output": "json_object",  # 'json_schema' | 'json_object' | 'none'
+      # 'json_schema' | 'json_object_schema' | 'json_object' | 'none'
+      "structured_output": "json_object",
       # 'local': an HF checkpoint directory, .gguf file or 'smollm2', served by rlhi's
       # sampler.
       "checkpoint": "",
@@ -602,16 +606,18 @@ class OpenAIClient(InferenceClient):
 
   def sends_schema(self, request: ChatRequest) -> bool:
     return (request.json_mode and bool(request.json_schema)
-            and self.structured_output == "json_schema")
+            and self.structured_output in ("json_schema", "json_object_schema"))
 
   def response_format(self, request: ChatRequest) -> dict[str, Any] | None:
     """The request's `response_format`, as config `structured_output` spells it."""
     if not request.json_mode or self.structured_output == "none":
       return None
-    if self.sends_schema(request):
-      return {"type": "json_schema", "json_schema": {**json.loads(request.json_schema),
-                                                     "strict": True}}
-    return {"type": "json_object"}
+    if not self.sends_schema(request):
+      return {"type": "json_object"}
+    named = json.loads(request.json_schema)
+    if self.structured_output == "json_object_schema":
+      return {"type": "json_object", "schema": named["schema"]}
+    return {"type": "json_schema", "json_schema": {**named, "strict": True}}
 
   def close(self) -> None:
     with self._loop_lock:
