@@ -13,6 +13,8 @@ from ml_collections import config_flags
 
 from rlhi import cli
 from rlhi import fileio
+# Registers backend='local' (rlhi's own model); imports jax only when one is built.
+from rlhi import local_backend  # pylint: disable=unused-import
 from rlhi import workdir_lock
 from rlhi.data import pipeline
 

@@ -248,6 +248,7 @@ def test_tiny_gguf_logits_match_a_numpy_forward_pass(tiny):
 
 def test_local_backend_and_model_init_accept_a_gguf_path(tiny):
   path, weights = tiny
+  from rlhi import local_backend  # pylint: disable=g-import-not-at-top,unused-import
   from rlhi.data import client as client_lib  # pylint: disable=g-import-not-at-top
   # config.model.init and the tokenizer name.
   cfg = ml_collections.ConfigDict(dict(

@@ -1,11 +1,16 @@
 """The `local` inference backend: rlhi's tiny model and bundled tokenizer, via the sampler."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import data_prep
+from rlhi import local_backend  # pylint: disable=unused-import  (backend='local')
 from rlhi.data import client as client_lib
 from rlhi.data import pipeline
 from rlhi.data import wildchat
@@ -94,3 +99,36 @@ def test_local_backend_needs_a_checkpoint():
   cfg.backend = "local"
   with pytest.raises(ValueError, match="needs 'checkpoint'"):
     client_lib.make_client(cfg)
+
+
+def test_answers_are_reported_batch_by_batch(checkpoint, tmp_path):
+  """Each generated batch is reported (and cached) when it finishes, not at the end."""
+  path, *_ = checkpoint
+  cfg = client_lib.default_config()
+  cfg.backend, cfg.checkpoint, cfg.local_batch_size = "local", path, 2
+  events = []
+  with client_lib.make_client(cfg) as client:
+    generate = client._generator.generate  # pylint: disable=protected-access
+    client._generator.generate = lambda convs, **kw: (  # pylint: disable=protected-access
+        events.append(("generate", len(convs))) or generate(convs, **kw))
+    reqs = [client_lib.ChatRequest(key=f"k{i}", messages=(
+        {"role": "user", "content": f"question {i}"},), max_tokens=3) for i in range(5)]
+    client._answer(reqs, lambda i, r: events.append(("result", r.key)))  # pylint: disable=protected-access
+  assert events == [("generate", 2), ("result", "k0"), ("result", "k1"),
+                    ("generate", 2), ("result", "k2"), ("result", "k3"),
+                    ("generate", 1), ("result", "k4")]
+
+
+def test_the_data_package_never_imports_the_local_backend():
+  """rlhi.data builds 'local' only once rlhi.local_backend registered it, and says so."""
+  code = ("import sys\n"
+          "from rlhi.data import client, pipeline\n"
+          "try:\n"
+          "  client.make_client({'backend': 'local', 'checkpoint': 'smollm2'})\n"
+          "except ValueError as e:\n"
+          "  print(e)\n"
+          "print('jax' in sys.modules, 'rlhi.local_backend' in sys.modules)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+  assert "import rlhi.local_backend first" in out
+  assert out.strip().endswith("False False")

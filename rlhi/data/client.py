@@ -61,8 +61,9 @@ Config (`cfg`, an ml_collections.ConfigDict; `default_config()` gives every fiel
   checkpoint      'local' backend: an HF checkpoint directory (what rlhi exports to
                   <workdir>/hf, or a released model), a .gguf file or a registered
                   name such as 'smollm2' (rlhi/models/sources.py), generated with
-                  rlhi's sampler in this process (jax is imported only for this
-                  backend).
+                  rlhi's sampler in this process. The backend lives in
+                  rlhi/local_backend.py (this package never imports jax-side code);
+                  importing that module registers it.
   tokenizer       'local': tokenizer name or directory; '' = the checkpoint's own.
   local_batch_size  'local': rows generated together.
 
@@ -81,7 +82,8 @@ Keep the cache on a local disk (SQLite locking is unreliable on network filesyst
 
 Backends: subclass `InferenceClient`, set `name` and `kind`, implement `_answer` (call
 `on_result(i, result)` once per request, from any thread, as each finishes) and
-`cache_identity`; then add the kind to `BACKENDS` and `make_client`.
+`cache_identity`; then add the kind to `BACKENDS` and `make_client`, or, for a backend
+that needs jax, define it outside this package and `register_backend` it.
 
 This module is part of the lightweight data package: it never imports jax.
 """
@@ -117,8 +119,6 @@ import aiohttp
 import ml_collections
 from tqdm import auto as tqdm_auto
 import yarl
-
-from rlhi.models import sources  # no jax: model names, weights files
 
 _LOG = logging.getLogger(__name__)
 
@@ -964,51 +964,6 @@ class ReferenceClient(InferenceClient):
         on_result(i, ChatResult(key=request.key, text=text))
 
 
-class LocalClient(InferenceClient):
-  """rlhi's own model, in this process, through the KV-cache sampler.
-
-  jax is imported only when this backend is built, so `rlhi.data` stays light for the
-  other backends. Requests are grouped by sampling parameters and generated in batches;
-  `seed` (default 0) makes a sample reproducible, as for a server.
-  """
-
-  kind = "local"
-
-  def __init__(self, checkpoint: str, tokenizer: str = "", *, batch_size: int = 16):
-    super().__init__()
-    from rlhi import generate  # pylint: disable=g-import-not-at-top  (jax: lazily)
-    self.checkpoint = checkpoint  # a model name of rlhi.models.sources
-    self.tokenizer = tokenizer
-    self._generator = generate.ChatGenerator(checkpoint, tokenizer,
-                                             batch_size=batch_size)
-    self.name = f"local (rlhi sampler, checkpoint {sources.absolute(checkpoint)})"
-
-  def cache_identity(self) -> dict[str, Any]:
-    path, stamp = sources.weights_stamp(self.checkpoint)
-    return {"backend": self.kind, "checkpoint": path, "tokenizer": self.tokenizer,
-            "weights": stamp}
-
-  def _answer(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
-    groups: dict[tuple, list[int]] = collections.defaultdict(list)
-    for i, r in enumerate(requests):
-      groups[(r.temperature, r.top_p, r.max_tokens, r.seed or 0)].append(i)
-    for (temperature, top_p, max_tokens, seed), idx in groups.items():
-      try:
-        gens = self._generator.generate(
-            [[dict(m) for m in requests[i].messages] for i in idx],
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-      except Exception as e:  # pylint: disable=broad-except  (reported per request)
-        for i in idx:
-          on_result(i, ChatResult(key=requests[i].key, text=None,
-                                  error=f"local generation failed: {type(e).__name__}: "
-                                        f"{_clip(str(e))}"))
-        continue
-      for i, g in zip(idx, gens):
-        on_result(i, ChatResult(key=requests[i].key, text=g.text,
-                                prompt_tokens=g.prompt_tokens,
-                                completion_tokens=g.completion_tokens, attempts=1))
-
-
 # ----------------------------------------------------------------------------------------
 # Persistent cache.
 # ----------------------------------------------------------------------------------------
@@ -1168,6 +1123,19 @@ class CachedClient(InferenceClient):
 # ----------------------------------------------------------------------------------------
 
 
+# Backends defined outside this package, by name: `rlhi.local_backend` registers
+# 'local' when imported. The data package never imports jax-side code, lazily or not.
+_REGISTERED: dict[str, Callable[[dict[str, Any]], InferenceClient]] = {}
+
+
+def register_backend(name: str,
+                     factory: Callable[[dict[str, Any]], InferenceClient]) -> None:
+  """Makes `make_client` build `name` with factory(config values)."""
+  if name not in BACKENDS:
+    raise ValueError(f"register_backend: {name!r} is not one of {BACKENDS}")
+  _REGISTERED[name] = factory
+
+
 def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
                ) -> InferenceClient:
   """Builds the client that `cfg.backend` names, behind a cache when cache_path is set."""
@@ -1185,13 +1153,13 @@ def make_client(cfg: Any, *, cache_path: str | os.PathLike[str] | None = None
       raise ValueError(f"client config: 'reference_path' must be a path string, got "
                        f"{values['reference_path']!r}")
     client = ReferenceClient(values["reference_path"] or None)
-  elif backend == "local":
-    if not values["checkpoint"]:
-      raise ValueError("client config: backend='local' needs 'checkpoint' (an HF "
-                       "checkpoint directory, e.g. <sft workdir>/hf, a .gguf file or "
-                       "'smollm2')")
-    client = LocalClient(values["checkpoint"], values["tokenizer"],
-                         batch_size=values["local_batch_size"])
+  elif backend in _REGISTERED:
+    client = _REGISTERED[backend](values)
+  elif backend in BACKENDS:
+    raise ValueError(f"client config: backend={backend!r} runs rlhi's own model (jax), "
+                     f"which this jax-free package does not import: import "
+                     f"rlhi.local_backend first, which registers it "
+                     f"(experiments/prepare_data.py and rlhi.eval do)")
   else:
     raise ValueError(f"client config: backend={backend!r} is not supported; allowed: "
                      f"{', '.join(repr(b) for b in BACKENDS)}")

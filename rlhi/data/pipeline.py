@@ -311,10 +311,13 @@ def _check_stage(cfg, stage: str, asked: int, rejects: list[schema.Reject],
       "--config.max_failure_fraction).")
 
 
-def _rejects(stage: str, failed: dict[str, str]) -> list[schema.Reject]:
-  """One reject per failed item; `raw` holds what the model answered (each attempt's
-  start, as a JSON list) when the reason carries it (prompting.Failure)."""
-  return [schema.Reject(source=stage, line=i, reason=reason_code(reason),
+def rejects_of(source: str, failed: Mapping[str, str], *, numbered: bool = True
+               ) -> list[schema.Reject]:
+  """One reject per failed item (`line`: its rank by key, or 0); `raw` holds what the
+  model answered (each attempt's start, as a JSON list) when the reason carries it
+  (prompting.Failure)."""
+  return [schema.Reject(source=source, line=i if numbered else 0,
+                        reason=reason_code(reason),
                         detail=str(reason), key=key,
                         raw=(json.dumps(list(prompting.answers_of(reason)),
                                         ensure_ascii=False)
@@ -386,7 +389,7 @@ def run_classify(cfg, workdir: str) -> dict[str, Any]:
     follow_ups, failed = classify.classify(client, conversations, users, ccfg)
     report = _client_section(client)
   schema.write_jsonl(os.path.join(workdir, FOLLOW_UPS), follow_ups)
-  rejects = _rejects("classify", failed)
+  rejects = rejects_of("classify", failed)
   schema.write_jsonl(os.path.join(workdir, "classify_rejects.jsonl"), rejects)
 
   labels = [name for name, _ in ccfg.labels]
@@ -429,7 +432,7 @@ def run_persona(cfg, workdir: str) -> dict[str, Any]:
     personas, skipped = persona.infer_personas(client, users, conversations, pcfg)
     report = _client_section(client)
   schema.write_jsonl(os.path.join(workdir, PERSONAS), personas)
-  rejects = _rejects("persona", skipped)
+  rejects = rejects_of("persona", skipped)
   schema.write_jsonl(os.path.join(workdir, "persona_rejects.jsonl"), rejects)
   words = [len(p.to_text().split()) for p in personas]
   split_of = {u.user_id: u.split for u in users}
@@ -472,7 +475,7 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
   for split in schema.SPLITS:
     schema.write_jsonl(os.path.join(workdir, PAIRS.format(split=split)),
                        [p for p in pairs if p.split == split])
-  rejects = _rejects("rewrites", failed)
+  rejects = rejects_of("rewrites", failed)
   schema.write_jsonl(os.path.join(workdir, "rewrites_rejects.jsonl"), rejects)
   save_pairs_hf(pairs, os.path.join(workdir, PAIRS_HF))
   by_split = collections.Counter(p.split for p in pairs)

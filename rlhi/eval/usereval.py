@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any
 
 from rlhi import fileio
+from rlhi import local_backend  # pylint: disable=unused-import  (backend='local')
 from rlhi.data import pipeline
+from rlhi.data import prompting
 from rlhi.data import schema
 from rlhi.eval import browser
 from rlhi.eval import items as items_lib
@@ -74,18 +75,6 @@ def _length_check(judgements, pairs, dimensions) -> dict[str, Any]:
             for p in pairs if dim in scores.get(p.item.item_id, {})]
   return {"dimension": dim, **stats.length_controlled(
       [x[0] for x in scored], [x[1] for x in scored], [x[2] for x in scored])}
-
-
-def _rejects(source: str, failures: dict[str, str],
-             answers: dict[str, list[str]] | None = None) -> list[schema.Reject]:
-  """`answers`: what the judge answered, by key (`raw`, a JSON list, as in the data
-  stages' rejects)."""
-  answers = answers or {}
-  return [schema.Reject(source=source, line=0, reason=pipeline.reason_code(reason),
-                        detail=reason, key=key,
-                        raw=json.dumps(answers[key], ensure_ascii=False)
-                        if answers.get(key) else "")
-          for key, reason in sorted(failures.items())]
 
 
 def run_usereval(cfg, workdir: str) -> dict[str, Any]:
@@ -141,7 +130,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
                                       append_to=path(GENERATIONS_FILE) if main else None)
     rejects += bad
     failed = {i: r["error"] for i, r in answers[k].items() if r["text"] is None}
-    rejects += _rejects(f"generation/{k}", failed)
+    rejects += pipeline.rejects_of(f"generation/{k}", failed, numbered=False)
     gen_report[k] = {
         "answered": sum(r["text"] is not None for r in answers[k].values()),
         "reused": sum(i in reused and answers[k][i]["text"] is not None
@@ -189,10 +178,10 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       return {}
 
   # ---- Stats and report --------------------------------------------------------------
-  failed = {f"{j['item_id']}/{j['order']}": j["error"] for j in judgements
-            if j["winners"] is None}
-  rejects += _rejects("judge", failed, {f"{j['item_id']}/{j['order']}": j.get("answers")
-                                        for j in judgements if j["winners"] is None})
+  failed = {f"{j['item_id']}/{j['order']}":
+            prompting.Failure(j["error"], j.get("answers") or ())
+            for j in judgements if j["winners"] is None}
+  rejects += pipeline.rejects_of("judge", failed, numbered=False)
   schema.write_jsonl(path(JUDGEMENTS_FILE), judgements)
   schema.write_jsonl(path(REJECTS_FILE), rejects)
   report = {
