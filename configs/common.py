@@ -112,6 +112,9 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
       max_response_length=size["max_length"] // 2,
       bucket_lengths=size["buckets"],
       with_persona=True,  # False: the no-persona ablation
+      # Several examples per row; a pair's prompt once, shared by its two responses
+      # (rlhi/inputs.py `pack`, docs/inputs.md). Same losses up to float32 rounding.
+      packing=False,
       system_template="About the user:\n{persona}",
   ))
   config.batch_size = size["batch_size"]  # global, over all hosts

@@ -686,6 +686,162 @@ def stack_pairs(batch: Mapping[str, np.ndarray]) -> Batch:
   return out
 
 
+# ----------------------------------------------------------------------------------------
+# Packing: several examples per row; a pair's prompt once, shared by both responses.
+# ----------------------------------------------------------------------------------------
+
+
+def packed_length(example: Mapping[str, Any]) -> int:
+  """Tokens an example takes in a packed row.
+
+  SFT: its tokens. A pair: the prompt once and each response after a copy of the
+  prompt's last token (len(prompt) + len(chosen) + len(rejected) + 1), see `pack`.
+  """
+  if "tokens" in example:
+    return len(example["tokens"])
+  return (len(example["prompt_ids"]) + len(example["chosen_ids"])
+          + len(example["rejected_ids"]) + 1)
+
+
+def plan_rows(lengths: Sequence[int], length: int) -> list[list[int]]:
+  """First-fit decreasing: which examples (indices into `lengths`) share each row of
+  `length` tokens. Deterministic; ties keep the input order."""
+  rows: list[list[int]] = []
+  room: list[int] = []
+  for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    n = lengths[i]
+    if n > length:
+      raise ValueError(f"a packed example of {n} tokens does not fit a row of {length}")
+    for r, free in enumerate(room):
+      if n <= free:
+        rows[r].append(i)
+        room[r] -= n
+        break
+    else:
+      rows.append([i])
+      room.append(length - n)
+  return [sorted(r) for r in rows]
+
+
+def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *,
+         num_rows: int, length: int, slots: int, pad_id: int, first_index: int = 0
+         ) -> Batch:
+  """Examples laid out in `num_rows` rows of `length` tokens, `rows[r]` in row r.
+
+  Every array is [R, ...] so that sharding and accumulation split rows, and all an
+  example's numbers travel with its row. Example j of row r has segment id j + 1
+  (`slots` per row at most) and positions from 0; its values are in slot j of the
+  per-slot arrays [R, slots]; `pair_index` / `example_index` is its index in the
+  global batch (`first_index` + its index in `examples`), -1 on an empty slot.
+
+  SFT: tokens, targets, loss_mask, positions, segment_ids [R, L] as in `pad_batch`,
+  `valid` [R, slots]; the loss sums over loss_mask, so it is the unpacked loss.
+
+  Pairs (Wang & Hegde 2024, arXiv 2410.20305): one segment holds
+  [prompt[:-1], prompt[-1], chosen, prompt[-1], rejected] with response_ids
+  0 ... 0, 1 ... 1, 2 ... 2; both responses continue the prompt's positions, and the
+  attention mask (llama.attention_mask) lets each see the prompt and itself only. The
+  prompt's last token is repeated so that each response has the query that predicts
+  its first token: the copy sees exactly what the prompt's last token sees in an
+  unpacked row. loss_mask marks positions whose target is a token of the same
+  response. Per slot: valid, prompt_length, chosen_end / rejected_end (column of each
+  response's last token, where the reward model reads its score) and the reference
+  log-probs when the examples carry them.
+  """
+  kind = _kind(examples[0]) if examples else "pairs"
+  tokens = np.full((num_rows, length), pad_id, np.int32)
+  loss_mask = np.zeros((num_rows, length), np.float32)
+  positions = np.zeros((num_rows, length), np.int32)
+  segment_ids = np.zeros((num_rows, length), np.int32)
+  response_ids = np.zeros((num_rows, length), np.int32)
+  per_slot = {"valid": np.zeros((num_rows, slots), bool),
+              "example_index": np.full((num_rows, slots), -1, np.int32)}
+  if kind == "pairs":
+    per_slot |= {k: np.zeros((num_rows, slots), np.int32)
+                 for k in ("prompt_length", "chosen_end", "rejected_end")}
+    per_slot |= {k: np.zeros((num_rows, slots), np.float32)
+                 for k in PAIR_FLOATS if examples and k in examples[0]}
+  if len(rows) > num_rows:
+    raise ValueError(f"pack: {len(rows)} rows planned for {num_rows}")
+  for r, members in enumerate(rows):
+    if len(members) > slots:
+      raise ValueError(f"pack: {len(members)} examples in a row of {slots} slots")
+    o = 0
+    for j, i in enumerate(members):
+      e = examples[i]
+      per_slot["valid"][r, j] = True
+      per_slot["example_index"][r, j] = first_index + i
+      if kind == "sft":
+        n = len(e["tokens"])
+        tokens[r, o:o + n] = e["tokens"]
+        loss_mask[r, o:o + n - 1] = e["loss_mask"][1:]
+        positions[r, o:o + n] = np.arange(n)
+        segment_ids[r, o:o + n] = j + 1
+        o += n
+        continue
+      p, c, x = e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]
+      n = len(p)
+      if n == 0:
+        raise ValueError("pack: a pair with an empty prompt cannot share it")
+      pieces = [(p[:-1], 0, 0), (np.concatenate([p[-1:], c]), 1, n - 1),
+                (np.concatenate([p[-1:], x]), 2, n - 1)]
+      for ids, resp, pos0 in pieces:
+        k = len(ids)
+        tokens[r, o:o + k] = ids
+        positions[r, o:o + k] = pos0 + np.arange(k)
+        segment_ids[r, o:o + k] = j + 1
+        response_ids[r, o:o + k] = resp
+        if resp:
+          loss_mask[r, o:o + k - 1] = 1.0
+          per_slot["chosen_end" if resp == 1 else "rejected_end"][r, j] = o + k - 1
+        o += k
+      per_slot["prompt_length"][r, j] = n
+      for k in PAIR_FLOATS:
+        if k in per_slot:
+          per_slot[k][r, j] = e[k]
+  targets = np.full_like(tokens, pad_id)
+  targets[:, :-1] = tokens[:, 1:]
+  batch = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+           "positions": positions, "segment_ids": segment_ids} | per_slot
+  if kind == "pairs":
+    batch["response_ids"] = response_ids
+  return batch
+
+
+def is_packed(batch: Mapping[str, Any]) -> bool:
+  """Whether a batch was made by `pack` (per-slot arrays) rather than `pad_batch`."""
+  return "example_index" in batch
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-max(n, 1) // multiple) * multiple
+
+
+def pack_batch(examples: Sequence[Mapping[str, Any]], *, pad_id: int,
+               bucket_lengths: Sequence[int] = DEFAULT_BUCKETS, row_multiple: int = 1,
+               hosts: Sequence[Sequence[Mapping[str, Any]]] = (), host: int = 0
+               ) -> Batch:
+  """`pack` with a shape every host agrees on: this host's `examples` (hosts[host],
+  when the global batch's `hosts` are given), in rows of the smallest bucket that
+  holds the longest packed example of the global batch (a pair may need up to twice
+  the largest bucket: that length is allowed), as many rows as the fullest host
+  needs rounded up to `row_multiple`, and a power of two of slots."""
+  examples = [_normalise(e) for e in examples]
+  hosts = [[_normalise(e) for e in h] for h in hosts] or [examples]
+  everything = [e for h in hosts for e in h]
+  if not everything:
+    raise ValueError("pack_batch: no examples")
+  buckets = tuple(bucket_lengths) + (2 * bucket_lengths[-1],)
+  length = bucket_length(max(packed_length(e) for e in everything), buckets)
+  plans = [plan_rows([packed_length(e) for e in h], length) for h in hosts]
+  num_rows = _round_up(max(len(p) for p in plans), row_multiple)
+  most = max((len(r) for p in plans for r in p), default=1)
+  slots = 1 << (most - 1).bit_length()
+  first = sum(len(h) for h in hosts[:host])
+  return pack(examples, plans[host], num_rows=num_rows, length=length, slots=slots,
+              pad_id=pad_id, first_index=first)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Padder:
   """grain batch_fn: a global batch -> this host's rows, padded to the global bucket.
@@ -697,9 +853,22 @@ class _Padder:
   bucket_lengths: tuple[int, ...]
   with_metadata: bool
   process_index: int = 0
+  process_count: int = 1
+  packing: bool = False
+  row_multiple: int = 1
 
   def __call__(self, examples: Sequence[Example]) -> Batch:
     start = self.process_index * self.per_host_batch_size
+    if self.packing:
+      b = self.per_host_batch_size
+      hosts = [examples[i * b:(i + 1) * b] for i in range(self.process_count)]
+      batch = pack_batch(hosts[self.process_index], pad_id=self.pad_id,
+                         bucket_lengths=self.bucket_lengths,
+                         row_multiple=self.row_multiple, hosts=hosts,
+                         host=self.process_index)
+      if self.with_metadata:
+        raise ValueError("with_metadata is not supported with packing")
+      return batch
     return pad_batch(examples[start:start + self.per_host_batch_size],
                      batch_size=self.per_host_batch_size, pad_id=self.pad_id,
                      bucket_lengths=self.bucket_lengths,
@@ -716,7 +885,8 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
                  bucket_lengths: Sequence[int] = DEFAULT_BUCKETS, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, process_index: int = 0,
-                 process_count: int = 1, with_metadata: bool = False
+                 process_count: int = 1, with_metadata: bool = False,
+                 packing: bool = False, row_multiple: int = 1
                  ) -> grain.MapDataset:
   """Source of tokenized examples -> grain MapDataset of this host's fixed-shape batches.
 
@@ -731,6 +901,12 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
   `sharding.global_batch` assembles them. Batches run across epoch boundaries; with a
   finite `num_epochs` and drop_remainder=False the last batch is completed with padding
   rows (valid=False) so that shapes stay fixed.
+
+  With `packing`, each host's examples are packed into rows (`pack_batch`: a pair's
+  prompt is shared by its two responses) instead of one example per row: the batch
+  still holds `per_host_batch_size` examples, in a number of rows that varies with
+  their lengths (a multiple of `row_multiple`; give the number of batch shards times
+  accum_steps, over the processes) and per-slot arrays; see docs/inputs.md.
   """
   if per_host_batch_size <= 0:
     raise ValueError(f"per_host_batch_size must be positive, got {per_host_batch_size}")
@@ -745,9 +921,11 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
   if shuffle:
     ds = ds.shuffle(seed=_shuffle_seed(seed))
   ds = ds.repeat(num_epochs)
+  if row_multiple <= 0:
+    raise ValueError(f"row_multiple must be positive, got {row_multiple}")
   return ds.batch(per_host_batch_size * process_count, drop_remainder=drop_remainder,
                   batch_fn=_Padder(per_host_batch_size, pad_id, buckets, with_metadata,
-                                   process_index))
+                                   process_index, process_count, packing, row_multiple))
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -789,11 +967,12 @@ def make_iterator(source: Sequence[Example], *, num_threads: int = 0,
   bound = inspect.signature(make_batches).bind(source, **batch_options)
   bound.apply_defaults()
   # What fixes the sequence of global batches; not the host layout (a run may resume
-  # on another number of hosts), and with_metadata only adds columns.
+  # on another number of hosts) nor the row layout (packing), and with_metadata only
+  # adds columns.
   args = bound.arguments
   pipeline = {k: v for k, v in args.items() if k not in (
       "source", "with_metadata", "per_host_batch_size", "process_index",
-      "process_count")}
+      "process_count", "packing", "row_multiple")}
   pipeline["global_batch_size"] = args["per_host_batch_size"] * args["process_count"]
   pipeline["num_examples"] = len(source)
   batches = make_batches(source, **batch_options)

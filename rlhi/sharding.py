@@ -249,6 +249,18 @@ def global_batch(host_batch: Mapping[str, Any], mesh: Mesh | None = None,
   return out
 
 
+def row_multiple(mesh: Mesh, accum_steps: int = 1, rules: Rules = DEFAULT_RULES,
+                 process_count: int | None = None) -> int:
+  """Rows per host that a packed batch must be a multiple of (rlhi/inputs.py
+  `make_batches(packing=True)`): the global rows then split evenly over the devices
+  of the batch axis and over `accum_steps` microbatches."""
+  axes = nn.logical_to_mesh_axes(("batch",), [
+      (name, tuple(a) if isinstance(a, list) else a) for name, a in rules])[0]
+  need = _mesh_axis_size(mesh, axes) * accum_steps
+  n = jax.process_count() if process_count is None else process_count
+  return need // math.gcd(need, n)
+
+
 def batch_sharding(global_shape: Sequence[int], mesh: Mesh,
                    rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """The sharding of one global batch array: its leading axis is the logical `batch`."""

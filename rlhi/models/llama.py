@@ -377,11 +377,17 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def attention_mask(q_slots: Array, k_slots: Array, q_segments: Array,
-                   k_segments: Array, sliding_window: int | None) -> Array:
+                   k_segments: Array, sliding_window: int | None,
+                   q_responses: Array | None = None,
+                   k_responses: Array | None = None) -> Array:
   """Causal + segment mask [B, T, S] (True = may attend).
 
   Slots are indices along the (cached) sequence and order the tokens; segment
   id 0 marks padding and never attends or is attended to.
+
+  Response ids (shared-prompt packing, rlhi/inputs.py `pack`): within a segment,
+  response id 0 is the shared prompt and 1, 2 the two responses laid out after
+  it; a token sees the prompt and its own response, never the other response.
 
   Args:
     q_slots: [T] or [B, T] int.
@@ -389,6 +395,8 @@ def attention_mask(q_slots: Array, k_slots: Array, q_segments: Array,
     q_segments: [B, T] int.
     k_segments: [B, S] int.
     sliding_window: if set, a query sees only the last `sliding_window` keys.
+    q_responses: [B, T] int or None (no responses: plain causal segments).
+    k_responses: [B, S] int or None.
   """
   q_slots = jnp.broadcast_to(q_slots, q_segments.shape)
   k_slots = jnp.broadcast_to(k_slots, k_segments.shape)
@@ -398,6 +406,9 @@ def attention_mask(q_slots: Array, k_slots: Array, q_segments: Array,
     mask &= diff < sliding_window
   mask &= q_segments[:, :, None] == k_segments[:, None, :]
   mask &= k_segments[:, None, :] != 0
+  if q_responses is not None:
+    mask &= ((k_responses[:, None, :] == 0)
+             | (q_responses[:, :, None] == k_responses[:, None, :]))
   return mask
 
 
@@ -631,7 +642,8 @@ _REMAT = {
 class Llama(nn.Module):
   """The decoder. `__call__` returns final hidden states; `logits` is the head.
 
-  __call__(tokens [B, T], positions [B, T], segment_ids [B, T], cache=None)
+  __call__(tokens [B, T], positions [B, T], segment_ids [B, T], cache=None,
+           response_ids=None)
     -> hidden [B, T, E]                   if cache is None
     -> (hidden [B, T, E], new KVCache)    otherwise; the T tokens are written
                                           at slots [cache.index, +T).
@@ -665,15 +677,18 @@ class Llama(nn.Module):
                            out_dtype=jnp.float32)
 
   def __call__(self, tokens: Array, positions: Array, segment_ids: Array,
-               cache: KVCache | None = None):
+               cache: KVCache | None = None, response_ids: Array | None = None):
     cfg = self.config
     _, t = tokens.shape
     x = _constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
     rope = rope_tables(positions, cfg)
+    if response_ids is not None and cache is not None:
+      raise ValueError("response_ids (packed pairs) are for training passes, not "
+                       "with a KV cache")
     if cache is None:
       slots = jnp.arange(t)
       mask = attention_mask(slots, slots, segment_ids, segment_ids,
-                            cfg.sliding_window)
+                            cfg.sliding_window, response_ids, response_ids)
       index = jnp.zeros((), jnp.int32)
       layer_caches = [None] * cfg.num_layers
     else:
@@ -817,7 +832,7 @@ def stack_layers(params: Params,
 
 def forward(params: Params, config: LlamaConfig, tokens: Array,
             positions: Array | None = None, segment_ids: Array | None = None,
-            cache: KVCache | None = None):
+            cache: KVCache | None = None, response_ids: Array | None = None):
   """Final hidden states [B, T, E] (and the new cache if one is given).
 
   Args:
@@ -828,10 +843,13 @@ def forward(params: Params, config: LlamaConfig, tokens: Array,
     segment_ids: [B, T] int; 0 = padding, tokens attend within their segment.
     cache: optional KVCache; the tokens are written at slots
       [cache.index, cache.index + T).
+    response_ids: [B, T] int or None; packed preference pairs (0 = shared
+      prompt, 1 / 2 = the responses, which never see each other), see
+      `attention_mask`. Give explicit positions with them.
   """
   tokens, positions, segment_ids = _inputs(tokens, positions, segment_ids)
   return Llama(config).apply({"params": params}, tokens, positions,
-                             segment_ids, cache)
+                             segment_ids, cache, response_ids)
 
 
 def lm_logits(params: Params, config: LlamaConfig, hidden: Array) -> Array:
@@ -849,7 +867,8 @@ def forward_logits(params: Params, config: LlamaConfig, tokens: Array,
 
 def token_logprobs(params: Params, config: LlamaConfig, tokens: Array,
                    positions: Array | None, segment_ids: Array | None,
-                   targets: Array, chunk_size: int | None = 256) -> Array:
+                   targets: Array, chunk_size: int | None = 256,
+                   response_ids: Array | None = None) -> Array:
   """log p(targets[b, t] | tokens[b, :t+1]) as [B, T] float32.
 
   The LM head and log-softmax run over chunks of `chunk_size` positions inside
@@ -864,8 +883,10 @@ def token_logprobs(params: Params, config: LlamaConfig, tokens: Array,
     segment_ids: [B, T] or None (all ones).
     targets: [B, T] token ids to score; usually tokens shifted left by one.
     chunk_size: positions per LM-head chunk; None = all at once.
+    response_ids: [B, T] or None; packed pairs (see `forward`).
   """
-  hidden = forward(params, config, tokens, positions, segment_ids)
+  hidden = forward(params, config, tokens, positions, segment_ids,
+                   response_ids=response_ids)
   b, t, e = hidden.shape
   chunk = t if chunk_size is None else min(chunk_size, t)
   n_chunks = -(-t // chunk)

@@ -64,3 +64,14 @@ def scores(params: Params, config: llama.LlamaConfig, tokens: Array,
   last = last_token_index(segment_ids)
   h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, E]
   return h.astype(jnp.float32) @ params["score"]["kernel"] + params["score"]["bias"]
+
+
+def scores_at(params: Params, config: llama.LlamaConfig, tokens: Array,
+              positions: Array, segment_ids: Array, response_ids: Array | None,
+              index: Array) -> Array:
+  """Rewards [R, K] float32 read at columns index [R, K] of rows tokens [R, T]: packed
+  sequences (rlhi/inputs.py `pack`), each scored at its own last token."""
+  hidden = llama.forward(params["backbone"], config, tokens, positions, segment_ids,
+                         response_ids=response_ids)
+  h = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [R, K, E]
+  return h.astype(jnp.float32) @ params["score"]["kernel"] + params["score"]["bias"]

@@ -88,7 +88,8 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
         tokenizer=tok_name, system_template=cfg.data.system_template,
         params_fp=reference.params_fingerprint(ref_params), mesh=mesh,
         batch_size=cfg.batch_size, pad_id=fmt.pad_id,
-        bucket_lengths=cfg.data.bucket_lengths, chunk=cfg.logprob_chunk)
+        bucket_lengths=cfg.data.bucket_lengths, chunk=cfg.logprob_chunk,
+        packing=bool(cfg.data.get("packing", False)))
     result = reference.cached(ref_params, ref_config, train_examples, **cache_args)
     logging.info("reference log-probs for %d train pairs: %s (%s)", len(train_examples),
                  result.path, "reused" if result.reused else "computed")

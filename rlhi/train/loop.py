@@ -141,7 +141,8 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
       task.train_examples, per_host_batch_size=cfg.batch_size // n_proc,
       pad_id=task.pad_id, bucket_lengths=tuple(cfg.data.bucket_lengths),
       seed=cfg.seed, shuffle=True, num_epochs=None, process_index=proc,
-      process_count=n_proc)
+      process_count=n_proc, packing=bool(cfg.data.get("packing", False)),
+      row_multiple=sharding.row_multiple(mesh, cfg.accum_steps, rules))
   if data_state:
     batches.set_state(data_state)
 

@@ -2,8 +2,10 @@
 
     loss_fn(params, batch, rng) -> (loss_sum, (denominator, {name: (sum, count)}))
 
-Batches are those of rlhi/inputs.py; rows with valid=False (padding of a last partial
-batch) count for nothing.
+Batches are those of rlhi/inputs.py, one example per row (`pad_batch`) or packed
+(`pack`: several per row, a pair's prompt shared by its responses, per-slot arrays);
+each loss takes both and gives the same sums. Examples with valid=False (padding of a
+last partial batch, empty slots) count for nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhi import inputs
 from rlhi import losses
 from rlhi.models import llama
 from rlhi.models import reward
@@ -24,7 +27,10 @@ def sft_loss(config: llama.LlamaConfig, chunk: int = 256) -> step_lib.LossFn:
     del rng
     logp = llama.token_logprobs(params, config, batch["tokens"], batch["positions"],
                                 batch["segment_ids"], batch["targets"], chunk)
-    mask = batch["loss_mask"] * batch["valid"][:, None]
+    if inputs.is_packed(batch):  # empty slots have no tokens
+      mask = batch["loss_mask"]
+    else:
+      mask = batch["loss_mask"] * batch["valid"][:, None]
     n = mask.sum()
     return -(logp * mask).sum(), (n, {"target_prob": ((jnp.exp(logp) * mask).sum(), n)})
 
@@ -37,12 +43,8 @@ def reward_loss(config: llama.LlamaConfig, margin: float = 0.0,
 
   def loss_fn(params, batch, rng):
     del rng
-    b = batch["chosen_tokens"].shape[0]
-    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
-    s = reward.scores(params, config, cat("tokens"), cat("positions"),
-                      cat("segment_ids"))
-    rc, rr = s[:b], s[b:]
-    w = batch["valid"].astype(jnp.float32)
+    rc, rr = pair_scores(params, config, batch)
+    w = batch["valid"].reshape(-1).astype(jnp.float32)
     n = w.sum()
     per_pair = losses.bradley_terry(rc, rr, margin, center_coef)
     metrics = {
@@ -64,15 +66,54 @@ def with_reward_std(metrics):
   return out
 
 
+def _slot_sums(values, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Packed batch: per-token values [R, L] -> sums over each slot's chosen and
+  rejected targets, ([R * S], [R * S]) in slot order (the order of batch['valid'])."""
+  slots = batch["valid"].shape[1]
+  onehot = (batch["segment_ids"][..., None]
+            == jnp.arange(1, slots + 1)).astype(values.dtype)  # [R, L, S]
+  out = []
+  for response in (1, 2):
+    w = batch["loss_mask"] * (batch["response_ids"] == response)
+    out.append(jnp.einsum("rl,rls->rs", values * w, onehot).reshape(-1))
+  return out[0], out[1]
+
+
+def pair_scores(params, config: llama.LlamaConfig, batch
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Reward-model scores (chosen, rejected) of every pair of a pairs batch, [N] each,
+  in the order of batch['valid'] flattened; one forward pass."""
+  if inputs.is_packed(batch):
+    ends = jnp.stack([batch["chosen_end"], batch["rejected_end"]], -1)
+    s = reward.scores_at(params, config, batch["tokens"], batch["positions"],
+                         batch["segment_ids"], batch["response_ids"],
+                         ends.reshape(ends.shape[0], -1))
+    s = s.reshape(ends.shape)
+    return s[..., 0].reshape(-1), s[..., 1].reshape(-1)
+  b = batch["chosen_tokens"].shape[0]
+  cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+  s = reward.scores(params, config, cat("tokens"), cat("positions"), cat("segment_ids"))
+  return s[:b], s[b:]
+
+
 def sequence_logps(params, config: llama.LlamaConfig, batch, chunk: int = 256
                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Summed response log-probs and response lengths of a pairs batch: ([2B], [2B]).
+  """Summed response log-probs and response lengths of a pairs batch: ([2N], [2N]).
 
-  Chosen rows first, then rejected (row i and B + i are one pair), in one forward pass.
-  Only positions whose target is a response token count (loss_mask), so prompt tokens
-  and padding never contribute; the LM head runs over chunks of `chunk` positions, so
-  no [2B, L, vocab] float32 logits are held (llama.token_logprobs).
+  Chosen first, then rejected (i and N + i are one pair, N = the size of
+  batch['valid'] flattened), in one forward pass. Only positions whose target is a
+  response token count (loss_mask), so prompt tokens and padding never contribute;
+  the LM head runs over chunks of `chunk` positions, so no [rows, L, vocab] float32
+  logits are held (llama.token_logprobs). A packed batch gives, pair by pair, the
+  values of the unpacked one up to float32 rounding.
   """
+  if inputs.is_packed(batch):
+    logp = llama.token_logprobs(params, config, batch["tokens"], batch["positions"],
+                                batch["segment_ids"], batch["targets"], chunk,
+                                response_ids=batch["response_ids"])
+    logps = _slot_sums(logp, batch)
+    lengths = _slot_sums(jnp.ones_like(logp), batch)
+    return jnp.concatenate(logps), jnp.concatenate(lengths)
   cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
   logp = llama.token_logprobs(params, config, cat("tokens"), cat("positions"),
                               cat("segment_ids"), cat("targets"), chunk)
@@ -108,7 +149,7 @@ def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "s
 
   def loss_fn(params, batch, rng, ref_params=None):
     del rng
-    b = batch["chosen_tokens"].shape[0]
+    b = batch["valid"].size
     logps, lengths = sequence_logps(params, config, batch, chunk)
     if live_reference:
       if ref_params is None:
@@ -117,8 +158,9 @@ def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "s
       ref, _ = sequence_logps(ref_params, ref_config or config, batch, chunk)
       ref = jax.lax.stop_gradient(ref)
     else:
-      ref = jnp.concatenate([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-    w = batch["valid"].astype(jnp.float32)
+      ref = jnp.concatenate([batch["ref_chosen_logps"].reshape(-1),
+                             batch["ref_rejected_logps"].reshape(-1)])
+    w = batch["valid"].reshape(-1).astype(jnp.float32)
     out = losses.dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:],
                           chosen_length=lengths[:b], rejected_length=lengths[b:],
                           weights=w, **options)

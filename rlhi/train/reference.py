@@ -98,11 +98,13 @@ def jitted_logps(config: llama.LlamaConfig, mesh: jax.sharding.Mesh, chunk: int 
 def compute(params: Any, config: llama.LlamaConfig,
             examples: Sequence[Mapping[str, Any]], *, mesh: jax.sharding.Mesh,
             batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
-            chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+            chunk: int = 256, packing: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Summed response log-probs of chosen and rejected under `params`: float32[N] each.
 
   One pass over the examples in order, batch-sharded on `mesh` like a train step; every
-  process gets the full arrays.
+  process gets the full arrays. With `packing` the batches are packed (a pair's prompt
+  once for both responses; rlhi/inputs.py `pack`): the same values up to float32
+  rounding, in fewer tokens.
   """
   n_proc = jax.process_count()
   if batch_size % n_proc:
@@ -110,14 +112,23 @@ def compute(params: Any, config: llama.LlamaConfig,
   batches = inputs.make_batches(
       examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
       bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
-      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc)
+      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc,
+      packing=packing, row_multiple=sharding.row_multiple(mesh))
   fn = jitted_logps(config, mesh, chunk)
   out = []
   with sharding.use_mesh(mesh):
     for host_batch in batches:
       host_batch = {k: v for k, v in host_batch.items() if k not in (CHOSEN, REJECTED)}
-      out.append(np.asarray(jax.device_get(
-          fn(params, sharding.global_batch(host_batch, mesh))), np.float32))
+      global_batch = sharding.global_batch(host_batch, mesh)
+      logps = np.asarray(jax.device_get(fn(params, global_batch)), np.float32)
+      if packing:  # slot order -> the batch's example order
+        index = sharding.to_host(global_batch["example_index"]).reshape(-1)
+        n, used = index.size, index >= 0
+        ordered = np.zeros(2 * batch_size, np.float32)
+        ordered[index[used]] = logps[:n][used]
+        ordered[batch_size + index[used]] = logps[n:][used]
+        logps = ordered
+      out.append(logps)
   # Global batch k holds examples [k * batch_size, (k + 1) * batch_size) in order
   # (no shuffle); each output is [2 * batch_size]: chosen rows, then rejected.
   chosen = np.concatenate([o[:batch_size] for o in out])[:len(examples)]
