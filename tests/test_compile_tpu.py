@@ -210,6 +210,25 @@ def test_tpu_train_steps_gather_weights_and_reduce_gradients(tpu_results):
 
 
 @needs_libtpu
+def test_tpu_packed_pair_steps_compile_with_the_dense_mask():
+  """config.data.packing: the reward, reference and DPO steps on packed rows (prompt
+  shared by both responses, response ids in the attention mask) compile for the TPU,
+  rows sharded over the batch axes; half the rows of the unpacked steps."""
+  s = topology.parse("v5e:2x2")
+  cfg = tiny_config()
+  cfg.data.packing = True
+  mesh = sharding.make_mesh(cfg.mesh, devices=topology.devices(s))
+  progs = programs.build(cfg, mesh, ("reward", "reference", "dpo_cached", "dpo_live"))
+  for program in progs:
+    batch = program.args[1]
+    assert batch["tokens"].shape == (cfg.batch_size, 128), program.name
+    assert batch["response_ids"].sharding.spec[0] == BATCH, program.name
+    result = check.compile_program(program, s)
+    assert result.fits, (program.name, result.error)
+    assert program.tokens == cfg.batch_size * 128
+
+
+@needs_libtpu
 def test_tpu_out_of_memory_is_reported_not_raised():
   s = topology.parse("v5e:2x2")
   cfg = dpo_config.get_config("rewrites,llama3_8b")
@@ -266,6 +285,22 @@ def test_compile_command_prints_the_table_and_exits_1_when_a_step_does_not_fit(
   r = _compile_cli("--config", "configs/dpo.py:rewrites", "--topology", "v5e-48",
                    tmp_path=tmp_path)
   assert r.returncode == 2 and "no standard v5e slice of 48 chips" in r.stderr
+
+
+def test_cpu_packed_steps_build_and_run_like_the_unpacked():
+  """The packed programs' abstract batches are what inputs.pack makes, and the packed
+  DPO step compiles on CPU devices."""
+  cfg = tiny_config()
+  cfg.data.packing = True
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:4])
+  (program,) = programs.build(cfg, mesh, ("dpo_cached",))
+  batch = program.args[1]
+  assert set(batch) >= {"response_ids", "example_index", "chosen_end", "valid",
+                        "ref_chosen_logps"}
+  assert batch["valid"].shape == (cfg.batch_size, 1)
+  assert "packed rows" in program.description
+  with sharding.use_mesh(mesh, program.rules):
+    program.jitted.lower(*program.args).compile()
 
 
 def test_cpu_steps_are_sharded_as_the_rules_say():

@@ -378,13 +378,19 @@ def test_train_dpo_entry_point_cache_reuse_and_live_mode(sample_examples, tmp_pa
   assert "(reused)" in log
   live = str(tmp_path / "live")
   _run(_dpo_cmd(data_dir, live, 3, ["--config.reference.mode=live"]))
-  m1, m2, m3 = (_train_metrics(w) for w in (first, second, live))
+  # Packed batches, reference log-probs computed packed too: the same run up to
+  # float32 rounding.
+  packed = str(tmp_path / "packed")
+  _run(_dpo_cmd(data_dir, packed, 3, ["--config.data.packing=True",
+                                      f"--config.reference.cache_dir={packed}/cache"]))
+  m1, m2, m3, m4 = (_train_metrics(w) for w in (first, second, live, packed))
   assert [m["step"] for m in m1] == [1, 2, 3]
-  for a, b, c in zip(m1, m2, m3):
+  for a, b, c, d in zip(m1, m2, m3, m4):
     for k in ("train/loss", "train/rewards/margins", "train/logps/chosen",
               "train/grad_norm"):
       assert a[k] == b[k], k  # reused cache: the very same numbers
       np.testing.assert_allclose(a[k], c[k], rtol=1e-4, atol=1e-6, err_msg=k)
+      np.testing.assert_allclose(a[k], d[k], rtol=1e-4, atol=1e-6, err_msg=k)
   assert m1[-1]["train/loss"] != m1[0]["train/loss"]
 
 

@@ -142,6 +142,30 @@ def _pairs_example(length: int, with_reference: bool) -> dict[str, Any]:
   return ex
 
 
+def _packed_batch(example: dict[str, Any], rows: int, length: int,
+                  mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict[str, Any]:
+  """`rows` packed rows (`inputs.pack`) of one `example` each, as global abstract
+  arrays sharded like `sharding.global_batch` shards them."""
+  host = inputs.pack([example], [[0]], num_rows=1, length=length, slots=1, pad_id=0)
+  out = {}
+  for name, x in host.items():
+    shape = (rows,) + x.shape[1:]
+    out[name] = jax.ShapeDtypeStruct(shape, x.dtype,
+                                     sharding=sharding.batch_sharding(shape, mesh, rules))
+  return out
+
+
+def _packed_pair(length: int, with_reference: bool) -> dict[str, Any]:
+  """A pair that fills a packed row of `length`: a prompt of half the row, shared by two
+  responses of a quarter each (the unpacked layout needs two rows of `length`)."""
+  q = length // 4
+  ex = {"prompt_ids": np.ones(length - 2 * q - 1, np.int32),
+        "chosen_ids": np.ones(q, np.int32), "rejected_ids": np.ones(q, np.int32)}
+  if with_reference:
+    ex |= {reference.CHOSEN: np.float32(0), reference.REJECTED: np.float32(0)}
+  return ex
+
+
 def batch_ways(shape, mesh, rules) -> int:
   """Over how many shards `sharding.batch_sharding` splits a batch of this shape."""
   spec = sharding.batch_sharding(shape, mesh, rules).spec
@@ -192,7 +216,8 @@ def _train_flops(c: llama.LlamaConfig, tokens: int, length: int, *, lm_head: boo
 
 
 def _update_program(name, cfg, mesh, rules, loss_fn, abstract_params, batch,
-                    config, tokens, length, *, lm_head, frozen=None) -> Program:
+                    config, tokens, length, *, lm_head, frozen=None,
+                    packed=False) -> Program:
   frozen_shardings = (None if frozen is None else
                       jax.tree.map(lambda x: x.sharding, frozen))
   built = loop.update_step(cfg, loss_fn, abstract_params, mesh, rules, frozen_shardings)
@@ -201,12 +226,13 @@ def _update_program(name, cfg, mesh, rules, loss_fn, abstract_params, batch,
   model_flops, run = _train_flops(config, tokens, length, lm_head=lm_head,
                                   reference_forward=frozen is not None)
   rows = next(iter(batch.values())).shape[0]
-  # The forward pass runs on a microbatch, chosen and rejected stacked for pairs; its
-  # activations are split as the `batch` rules split that many rows (the inputs may be
-  # split less when a rule does not divide the pair count, and are resharded).
-  forward_rows = rows // cfg.accum_steps * (1 if name == "sft" else 2)
+  # The forward pass runs on a microbatch, chosen and rejected stacked for unpacked
+  # pairs; its activations are split as the `batch` rules split that many rows (the
+  # inputs may be split less when a rule does not divide the pair count, and are
+  # resharded).
+  forward_rows = rows // cfg.accum_steps * (1 if name == "sft" or packed else 2)
   ways = batch_ways((forward_rows,), mesh, rules) * _tensor_ways(config, mesh)
-  unit = "sequences" if name == "sft" else "pairs"
+  unit = "packed rows" if packed else "sequences" if name == "sft" else "pairs"
   return Program(
       name, built.jitted, args, mesh, rules,
       f"{rows} {unit} x {length} tokens, accum {cfg.accum_steps}, remat "
@@ -317,6 +343,18 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
   length = _sequence_length(cfg)
   b = int(cfg.batch_size)
   chunk = int(cfg.get("logprob_chunk", 256))
+  # config.data.packing: pair steps take packed rows, one pair per row whose prompt
+  # (half the row) is shared by both responses; b rows of `length` tokens in place
+  # of 2b. SFT rows are full either way.
+  packed = bool(cfg.data.get("packing", False))
+
+  def pairs_batch(with_reference):
+    if packed:
+      return _packed_batch(_packed_pair(length, with_reference), b, length, mesh, rules)
+    return _abstract_batch(_pairs_example(length, with_reference), b, length, mesh,
+                           rules)
+
+  pair_tokens = b * length if packed else 2 * b * length
   out: list[Program] = []
   if "sft" in steps:
     example = {"tokens": np.ones(length, np.int32),
@@ -331,17 +369,18 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
                                      float(loss.get("center_coef", 0.0)))
     out.append(_update_program(
         "reward", cfg, mesh, rules, loss_fn, reward.abstract_params(config),
-        _abstract_batch(_pairs_example(length, False), b, length, mesh, rules),
-        config, 2 * b * length, length, lm_head=False))
+        pairs_batch(False), config, pair_tokens, length, lm_head=False, packed=packed))
   if "reference" in steps:
-    batch = _abstract_batch(_pairs_example(length, False), b, length, mesh, rules)
+    batch = pairs_batch(False)
     fn = reference.jitted_logps(ref_config, mesh, chunk)
     body, attention, head = _flops(ref_config, length)
-    flops = (body + attention + head) * 2 * b * length
+    flops = (body + attention + head) * pair_tokens
     out.append(Program(
         "reference", fn, (_abstract_llama(ref_config, mesh, rules), batch), mesh, rules,
-        f"{b} pairs x {length} tokens, forward only", 2 * b * length, flops, flops,
-        batch_ways((2 * b, length), mesh, rules) * _tensor_ways(ref_config, mesh)))
+        f"{b} {'packed rows' if packed else 'pairs'} x {length} tokens, forward only",
+        pair_tokens, flops, flops,
+        batch_ways((pair_tokens // length, length), mesh, rules)
+        * _tensor_ways(ref_config, mesh)))
   for name, live in (("dpo_cached", False), ("dpo_live", True)):
     if name not in steps:
       continue
@@ -351,8 +390,8 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
     frozen = _abstract_llama(ref_config, mesh, rules) if live else None
     out.append(_update_program(
         name, cfg, mesh, rules, loss_fn, llama.abstract_params(config),
-        _abstract_batch(_pairs_example(length, not live), b, length, mesh, rules),
-        config, 2 * b * length, length, lm_head=True, frozen=frozen))
+        pairs_batch(not live), config, pair_tokens, length, lm_head=True,
+        frozen=frozen, packed=packed))
   out += _sampler_programs(cfg, config, mesh, rules, steps)
   order = {s: i for i, s in enumerate(steps)}
   return sorted(out, key=lambda p: order[p.name])
