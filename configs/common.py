@@ -113,8 +113,9 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
       bucket_lengths=size["buckets"],
       with_persona=True,  # False: the no-persona ablation
       # Several examples per row; a pair's prompt once, shared by its two responses
-      # (rlhi/inputs.py `pack`, docs/inputs.md). Same losses up to float32 rounding.
-      packing=False,
+      # (rlhi/inputs.py `pack`, docs/inputs.md). Same losses up to float32 rounding;
+      # False: one example per row, padded to a bucket.
+      packing=True,
       system_template="About the user:\n{persona}",
   ))
   config.batch_size = size["batch_size"]  # global, over all hosts
