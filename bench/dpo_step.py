@@ -77,7 +77,7 @@ def synthetic_examples(config: llama.LlamaConfig, pairs: int, length: int,
 def pairs_batch(examples, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
   """Host pairs batch of `examples` in one bucket of exactly `length`."""
   return inputs.pad_batch(examples, batch_size=len(examples), pad_id=pad_id,
-                          bucket_lengths=(length,))
+                          bucket_lengths=(length,), score_positions=True)
 
 
 class Stepper:

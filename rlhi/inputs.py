@@ -624,16 +624,45 @@ def _pad_rows(seqs: Sequence[np.ndarray], masks: Sequence[np.ndarray], batch_siz
           "positions": positions, "segment_ids": segment_ids}
 
 
+def score_width(count: int, length: int) -> int:
+  """Columns of `score_positions` for rows of `length` with at most `count` response
+  targets: the smallest multiple of length / 4 that holds them (at most 4 widths per
+  length, so few compiled shapes)."""
+  quarter = max(length // 4, 1)
+  return min(length, _round_up(count, quarter))
+
+
+def score_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
+  """int32 [R, width]: the columns of each row where loss_mask is 1, in order, then
+  the last column (whose loss_mask is always 0: its target is past the row). The LM
+  head runs on these columns only (objectives.sequence_logps), not on prompts or
+  padding."""
+  rows, length = loss_mask.shape
+  out = np.full((rows, width), length - 1, np.int32)
+  for r in range(rows):
+    cols = np.flatnonzero(loss_mask[r])
+    if len(cols) > width:
+      raise ValueError(f"score_positions: {len(cols)} response targets in a row, "
+                       f"width {width}")
+    out[r, :len(cols)] = cols
+  return out
+
+
+_score_columns = score_positions  # for functions whose option has the same name
+
+
 def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id: int,
               bucket_lengths: Sequence[int] = DEFAULT_BUCKETS,
-              with_metadata: bool = False, length_of: Sequence[Mapping[str, Any]] = ()
-              ) -> Batch:
+              with_metadata: bool = False, length_of: Sequence[Mapping[str, Any]] = (),
+              score_positions: bool = False) -> Batch:
   """Examples (all SFT or all pairs) -> one fixed-shape batch; see docs/inputs.md.
 
   SFT: tokens, targets, loss_mask, positions, segment_ids: [B, L]; valid: bool[B].
   Pairs: chosen_* and rejected_* (the same five, both [B, L], one L for both so they
-  stack into one forward pass), prompt_length: int32[B], valid: bool[B], and float32[B]
-  `ref_chosen_logps` / `ref_rejected_logps` when the examples carry them.
+  stack into one forward pass), prompt_length: int32[B], valid: bool[B], float32[B]
+  `ref_chosen_logps` / `ref_rejected_logps` when the examples carry them, and with
+  `score_positions` (for DPO log-probs) `*_score_positions` int32 [B, K]: the columns
+  whose target is a response token (module function `score_positions`).
   L is the smallest bucket holding the longest sequence of `length_of` (default: of
   `examples`): a host pads its rows to the bucket of the whole global batch, so that
   every host builds the same shape. Rows past len(examples) (a last partial batch) are
@@ -653,6 +682,8 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
     length = bucket_length(
         max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
             for e in length_of), bucket_lengths)
+    width = score_width(max(max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+                            for e in length_of), length)
     batch = {"prompt_length": np.zeros(batch_size, np.int32)}
     batch["prompt_length"][:len(examples)] = [len(e["prompt_ids"]) for e in examples]
     for side in ("chosen", "rejected"):
@@ -661,6 +692,8 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
                                np.ones(len(e[f"{side}_ids"]), np.int32)])
                for e in examples]
       rows = _pad_rows(seqs, masks, batch_size, length, pad_id)
+      if score_positions:
+        rows["score_positions"] = _score_columns(rows["loss_mask"], width)
       batch |= {f"{side}_{k}": v for k, v in rows.items()}
     for k in PAIR_FLOATS:
       if k in length_of[0]:
@@ -724,8 +757,8 @@ def plan_rows(lengths: Sequence[int], length: int) -> list[list[int]]:
 
 
 def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *,
-         num_rows: int, length: int, slots: int, pad_id: int, first_index: int = 0
-         ) -> Batch:
+         num_rows: int, length: int, slots: int, pad_id: int, first_index: int = 0,
+         width: int | None = None) -> Batch:
   """Examples laid out in `num_rows` rows of `length` tokens, `rows[r]` in row r.
 
   Every array is [R, ...] so that sharding and accumulation split rows, and all an
@@ -744,9 +777,11 @@ def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *
   prompt's last token is repeated so that each response has the query that predicts
   its first token: the copy sees exactly what the prompt's last token sees in an
   unpacked row. loss_mask marks positions whose target is a token of the same
-  response. Per slot: valid, prompt_length, chosen_end / rejected_end (column of each
-  response's last token, where the reward model reads its score) and the reference
-  log-probs when the examples carry them.
+  response; with a `width`, `score_positions` [R, width] lists those columns (module
+  function `score_positions`; for DPO log-probs). Per slot: valid,
+  prompt_length, chosen_end / rejected_end (column of each response's last token,
+  where the reward model reads its score) and the reference log-probs when the
+  examples carry them.
   """
   kind = _kind(examples[0]) if examples else "pairs"
   tokens = np.full((num_rows, length), pad_id, np.int32)
@@ -805,6 +840,8 @@ def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *
            "positions": positions, "segment_ids": segment_ids} | per_slot
   if kind == "pairs":
     batch["response_ids"] = response_ids
+    if width is not None:
+      batch["score_positions"] = score_positions(loss_mask, width)
   return batch
 
 
@@ -819,13 +856,15 @@ def _round_up(n: int, multiple: int) -> int:
 
 def pack_batch(examples: Sequence[Mapping[str, Any]], *, pad_id: int,
                bucket_lengths: Sequence[int] = DEFAULT_BUCKETS, row_multiple: int = 1,
-               hosts: Sequence[Sequence[Mapping[str, Any]]] = (), host: int = 0
-               ) -> Batch:
+               hosts: Sequence[Sequence[Mapping[str, Any]]] = (), host: int = 0,
+               score_positions: bool = False) -> Batch:
   """`pack` with a shape every host agrees on: this host's `examples` (hosts[host],
   when the global batch's `hosts` are given), in rows of the smallest bucket that
   holds the longest packed example of the global batch (a pair may need up to twice
   the largest bucket: that length is allowed), as many rows as the fullest host
-  needs rounded up to `row_multiple`, and a power of two of slots."""
+  needs rounded up to `row_multiple`, and a power of two of slots; with
+  `score_positions` (pairs, for DPO log-probs), a `score_positions` width that holds
+  the fullest row of any host."""
   examples = [_normalise(e) for e in examples]
   hosts = [[_normalise(e) for e in h] for h in hosts] or [examples]
   everything = [e for h in hosts for e in h]
@@ -838,8 +877,14 @@ def pack_batch(examples: Sequence[Mapping[str, Any]], *, pad_id: int,
   most = max((len(r) for p in plans for r in p), default=1)
   slots = 1 << (most - 1).bit_length()
   first = sum(len(h) for h in hosts[:host])
+  width = None
+  if score_positions and _kind(everything[0]) == "pairs":
+    # Response targets of the fullest row of any host: hosts agree on the width.
+    count = max(sum(len(h[i]["chosen_ids"]) + len(h[i]["rejected_ids"]) for i in r)
+                for h, p in zip(hosts, plans) for r in p)
+    width = score_width(count, length)
   return pack(examples, plans[host], num_rows=num_rows, length=length, slots=slots,
-              pad_id=pad_id, first_index=first)
+              pad_id=pad_id, first_index=first, width=width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -856,6 +901,7 @@ class _Padder:
   process_count: int = 1
   packing: bool = False
   row_multiple: int = 1
+  score_positions: bool = False
 
   def __call__(self, examples: Sequence[Example]) -> Batch:
     start = self.process_index * self.per_host_batch_size
@@ -865,14 +911,16 @@ class _Padder:
       batch = pack_batch(hosts[self.process_index], pad_id=self.pad_id,
                          bucket_lengths=self.bucket_lengths,
                          row_multiple=self.row_multiple, hosts=hosts,
-                         host=self.process_index)
+                         host=self.process_index,
+                         score_positions=self.score_positions)
       if self.with_metadata:
         raise ValueError("with_metadata is not supported with packing")
       return batch
     return pad_batch(examples[start:start + self.per_host_batch_size],
                      batch_size=self.per_host_batch_size, pad_id=self.pad_id,
                      bucket_lengths=self.bucket_lengths,
-                     with_metadata=self.with_metadata, length_of=examples)
+                     with_metadata=self.with_metadata, length_of=examples,
+                     score_positions=self.score_positions)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -886,8 +934,8 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
                  shuffle: bool = True, num_epochs: int | None = None,
                  drop_remainder: bool = True, process_index: int = 0,
                  process_count: int = 1, with_metadata: bool = False,
-                 packing: bool = False, row_multiple: int = 1
-                 ) -> grain.MapDataset:
+                 packing: bool = False, row_multiple: int = 1,
+                 score_positions: bool = False) -> grain.MapDataset:
   """Source of tokenized examples -> grain MapDataset of this host's fixed-shape batches.
 
   Pipeline: source -> shuffle (deterministic in (seed, epoch), different every epoch)
@@ -907,6 +955,8 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
   still holds `per_host_batch_size` examples, in a number of rows that varies with
   their lengths (a multiple of `row_multiple`; give the number of batch shards times
   accum_steps, over the processes) and per-slot arrays; see docs/inputs.md.
+  `score_positions`: pairs batches carry the columns of the response targets, where
+  DPO's log-probs run the LM head (`score_positions`); the reward model needs none.
   """
   if per_host_batch_size <= 0:
     raise ValueError(f"per_host_batch_size must be positive, got {per_host_batch_size}")
@@ -925,7 +975,8 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
     raise ValueError(f"row_multiple must be positive, got {row_multiple}")
   return ds.batch(per_host_batch_size * process_count, drop_remainder=drop_remainder,
                   batch_fn=_Padder(per_host_batch_size, pad_id, buckets, with_metadata,
-                                   process_index, process_count, packing, row_multiple))
+                                   process_index, process_count, packing, row_multiple,
+                                   score_positions))
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -972,7 +1023,7 @@ def make_iterator(source: Sequence[Example], *, num_threads: int = 0,
   args = bound.arguments
   pipeline = {k: v for k, v in args.items() if k not in (
       "source", "with_metadata", "per_host_batch_size", "process_index",
-      "process_count", "packing", "row_multiple")}
+      "process_count", "packing", "row_multiple", "score_positions")}
   pipeline["global_batch_size"] = args["per_host_batch_size"] * args["process_count"]
   pipeline["num_examples"] = len(source)
   batches = make_batches(source, **batch_options)

@@ -269,7 +269,7 @@ def test_compile_command_prints_the_table_and_exits_1_when_a_step_does_not_fit(
                    "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                    f"--json={out}", tmp_path=tmp_path)
   assert r.returncode == 0, r.stdout + r.stderr
-  assert "| dpo_cached | 8 pairs x 512 tokens" in r.stdout
+  assert "| dpo_cached | 8 packed rows x 512 tokens" in r.stdout  # data.packing
   assert "| decode |" in r.stdout and "collectives per step per chip" in r.stdout
   results = json.loads(out.read_text())
   assert [x["step"] for x in results] == ["dpo_cached", "decode"]

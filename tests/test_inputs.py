@@ -286,6 +286,43 @@ def test_sft_batch_layout_by_hand():
   assert batch["segment_ids"][2].sum() == batch["loss_mask"][2].sum() == 0
 
 
+def test_score_positions_list_every_response_target_once():
+  """The LM head's columns (score_positions) are exactly the loss_mask columns, in
+  order, then the last column (loss_mask 0 there); widths are quarters of the row, the
+  same on every host; a one-token prompt puts a response target at column 0."""
+  r = np.random.default_rng(0)
+  pairs = [dict(prompt_ids=r.integers(1, 50, p), chosen_ids=r.integers(1, 50, c),
+                rejected_ids=r.integers(1, 50, x), pair_id=str(i), user_id="u")
+           for i, (p, c, x) in enumerate([(1, 5, 3), (9, 0, 4), (20, 31, 2), (3, 7, 7)])]
+  plain = inputs.pad_batch(pairs, batch_size=5, pad_id=0, bucket_lengths=(64,),
+                           score_positions=True)
+  hosts = [pairs[:2], pairs[2:]]
+  packed = [inputs.pack_batch(h, pad_id=0, bucket_lengths=(32, 64), hosts=hosts,
+                              host=i, score_positions=True)
+            for i, h in enumerate(hosts)]
+  # Off (the reward model's batches): no such key.
+  assert "chosen_score_positions" not in inputs.pad_batch(pairs, batch_size=5, pad_id=0)
+  assert packed[0]["score_positions"].shape == packed[1]["score_positions"].shape
+  rows = [(plain[f"{s}_loss_mask"], plain[f"{s}_score_positions"])
+          for s in ("chosen", "rejected")]
+  rows += [(b["loss_mask"], b["score_positions"]) for b in packed]
+  for loss_mask, cols in rows:
+    length, width = loss_mask.shape[1], cols.shape[1]
+    assert width % (length // 4) == 0 and width >= loss_mask.sum(1).max()
+    for mask, c in zip(loss_mask, cols):
+      n = int(mask.sum())
+      assert c[:n].tolist() == np.flatnonzero(mask).tolist()
+      assert (c[n:] == length - 1).all() and mask[length - 1] == 0
+  # The fewest quarters that hold the fullest row of the global batch.
+  for loss_masks, width in (
+      ([plain["chosen_loss_mask"], plain["rejected_loss_mask"]],
+       plain["chosen_score_positions"].shape[1]),
+      ([b["loss_mask"] for b in packed], packed[0]["score_positions"].shape[1])):
+    quarter = loss_masks[0].shape[1] // 4
+    assert width - quarter < max(m.sum(1).max() for m in loss_masks) <= width
+  assert plain["chosen_score_positions"][0, 0] == 0  # one-token prompt
+
+
 def test_pair_batch_layout_and_stacking(pair_examples, tok):
   examples = pair_examples[:4]
   batch = inputs.pad_batch(examples, batch_size=4, pad_id=0, with_metadata=True)

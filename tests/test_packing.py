@@ -162,8 +162,11 @@ def test_a_pair_longer_than_the_largest_bucket_gets_twice_that_length():
 
 def test_packed_logps_scores_and_losses_equal_unpacked():
   examples = _ragged_pairs(12, seed=0)
+  # The packed batch runs the LM head on the response targets only (score_positions),
+  # the plain one on every column.
   plain = inputs.pad_batch(examples, batch_size=12, pad_id=0, bucket_lengths=BUCKETS)
-  packed = inputs.pack_batch(examples, pad_id=0, bucket_lengths=BUCKETS)
+  packed = inputs.pack_batch(examples, pad_id=0, bucket_lengths=BUCKETS,
+                             score_positions=True)
   # Shared prompts: fewer rows and fewer tokens than one pair per row, twice.
   assert packed["tokens"].shape[0] < 12
   assert np.count_nonzero(packed["segment_ids"]) < (
@@ -180,6 +183,12 @@ def test_packed_logps_scores_and_losses_equal_unpacked():
     np.testing.assert_array_equal(_by_example(n_p[side * slots:(side + 1) * slots],
                                               packed), n_u[side * 12:(side + 1) * 12])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  scored = inputs.pad_batch(examples, batch_size=12, pad_id=0, bucket_lengths=BUCKETS,
+                            score_positions=True)
+  assert scored["chosen_score_positions"].shape[1] < scored["chosen_tokens"].shape[1]
+  ls, n_s = objectives.sequence_logps(params, CONFIG, scored, chunk=32)
+  np.testing.assert_array_equal(n_s, n_u)
+  np.testing.assert_allclose(ls, lu, rtol=1e-5, atol=1e-4)
 
   rm = reward.init_params(CONFIG, jax.random.PRNGKey(2))
   rm["score"]["kernel"] = jax.random.normal(jax.random.PRNGKey(3), (CONFIG.hidden_size,))
@@ -258,7 +267,7 @@ def test_packed_train_steps_with_accumulation_on_8_devices_equal_unpacked():
   multiple = sharding.row_multiple(mesh, accum_steps=2)
   assert multiple == 8  # 4 batch shards x 2 microbatches, one process
   packed = inputs.pack_batch(examples[:15], pad_id=0, bucket_lengths=BUCKETS,
-                             row_multiple=multiple)
+                             row_multiple=multiple, score_positions=True)
   assert packed["tokens"].shape[0] == 8
   p8, m8 = _dpo_steps(mesh, 2, packed)
   for a, b in zip(m1, m8):

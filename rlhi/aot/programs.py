@@ -117,17 +117,25 @@ def _sequence_length(cfg) -> int:
   return int(max(cfg.data.bucket_lengths))
 
 
+def _score_shape(name: str, shape: tuple[int, ...], length: int) -> tuple[int, ...]:
+  # The widest score_positions a batch of rows of `length` can have (every column a
+  # response target): the memory check holds for every width training compiles.
+  return shape[:1] + (length,) if name.endswith("score_positions") else shape
+
+
 def _abstract_batch(example: dict[str, Any], batch_size: int, length: int,
-                    mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict[str, Any]:
+                    mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                    score_positions: bool = False) -> dict[str, Any]:
   """The global batch `inputs.pad_batch` makes from examples like `example`, padded to
   `length`, as ShapeDtypeStructs sharded like `sharding.global_batch` shards it."""
-  host = inputs.pad_batch([example], batch_size=1, pad_id=0, bucket_lengths=(length,))
+  host = inputs.pad_batch([example], batch_size=1, pad_id=0, bucket_lengths=(length,),
+                          score_positions=score_positions)
   out = {}
   for name, x in host.items():
     x = np.asarray(x)
     if x.dtype.kind not in "biuf":
       continue
-    shape = (batch_size,) + x.shape[1:]
+    shape = _score_shape(name, (batch_size,) + x.shape[1:], length)
     out[name] = jax.ShapeDtypeStruct(shape, x.dtype,
                                      sharding=sharding.batch_sharding(shape, mesh, rules))
   return out
@@ -143,13 +151,15 @@ def _pairs_example(length: int, with_reference: bool) -> dict[str, Any]:
 
 
 def _packed_batch(example: dict[str, Any], rows: int, length: int,
-                  mesh: jax.sharding.Mesh, rules: sharding.Rules) -> dict[str, Any]:
+                  mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                  score_positions: bool = False) -> dict[str, Any]:
   """`rows` packed rows (`inputs.pack`) of one `example` each, as global abstract
   arrays sharded like `sharding.global_batch` shards them."""
-  host = inputs.pack([example], [[0]], num_rows=1, length=length, slots=1, pad_id=0)
+  host = inputs.pack([example], [[0]], num_rows=1, length=length, slots=1, pad_id=0,
+                     width=length if score_positions else None)
   out = {}
   for name, x in host.items():
-    shape = (rows,) + x.shape[1:]
+    shape = _score_shape(name, (rows,) + x.shape[1:], length)
     out[name] = jax.ShapeDtypeStruct(shape, x.dtype,
                                      sharding=sharding.batch_sharding(shape, mesh, rules))
   return out
@@ -202,13 +212,17 @@ def _train_flops(c: llama.LlamaConfig, tokens: int, length: int, *, lm_head: boo
                  reference_forward: bool = False) -> tuple[float, float]:
   """(model FLOPs, FLOPs run) of an update step over `tokens` tokens."""
   body, attention, head = _flops(c, length)
+  # Query blocks skip the causal upper triangle: fewer attention FLOPs are run than
+  # the model count (the full square) says.
+  _, attention_run, _ = _flops(c, llama.attended_keys(c, length))
   head = head if lm_head else 0.0
   model = 3 * (body + attention + head)
   # token_logprobs rematerialises the LM head per chunk.
-  run = model + _recomputed(c, body, attention) + head
+  run = (3 * (body + attention_run + head) + _recomputed(c, body, attention_run)
+         + head)
   if reference_forward:
     model += body + attention + head
-    run += body + attention + head
+    run += body + attention_run + head
   return model * tokens, run * tokens
 
 
@@ -348,11 +362,14 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
   # of 2b. SFT rows are full either way.
   packed = bool(cfg.data.get("packing", False))
 
-  def pairs_batch(with_reference):
+  def pairs_batch(with_reference, score_positions):
+    # score_positions: DPO and the reference pass (LM head on responses), at the
+    # widest; the reward model reads none.
     if packed:
-      return _packed_batch(_packed_pair(length, with_reference), b, length, mesh, rules)
+      return _packed_batch(_packed_pair(length, with_reference), b, length, mesh, rules,
+                           score_positions)
     return _abstract_batch(_pairs_example(length, with_reference), b, length, mesh,
-                           rules)
+                           rules, score_positions)
 
   pair_tokens = b * length if packed else 2 * b * length
   out: list[Program] = []
@@ -369,16 +386,18 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
                                      float(loss.get("center_coef", 0.0)))
     out.append(_update_program(
         "reward", cfg, mesh, rules, loss_fn, reward.abstract_params(config),
-        pairs_batch(False), config, pair_tokens, length, lm_head=False, packed=packed))
+        pairs_batch(False, False), config, pair_tokens, length, lm_head=False,
+        packed=packed))
   if "reference" in steps:
-    batch = pairs_batch(False)
+    batch = pairs_batch(False, True)
     fn = reference.jitted_logps(ref_config, mesh, chunk)
     body, attention, head = _flops(ref_config, length)
-    flops = (body + attention + head) * pair_tokens
+    _, attention_run, _ = _flops(ref_config, llama.attended_keys(ref_config, length))
     out.append(Program(
         "reference", fn, (_abstract_llama(ref_config, mesh, rules), batch), mesh, rules,
         f"{b} {'packed rows' if packed else 'pairs'} x {length} tokens, forward only",
-        pair_tokens, flops, flops,
+        pair_tokens, (body + attention + head) * pair_tokens,
+        (body + attention_run + head) * pair_tokens,
         batch_ways((pair_tokens // length, length), mesh, rules)
         * _tensor_ways(ref_config, mesh)))
   for name, live in (("dpo_cached", False), ("dpo_live", True)):
@@ -390,7 +409,7 @@ def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
     frozen = _abstract_llama(ref_config, mesh, rules) if live else None
     out.append(_update_program(
         name, cfg, mesh, rules, loss_fn, llama.abstract_params(config),
-        pairs_batch(not live), config, pair_tokens, length, lm_head=True,
+        pairs_batch(not live, True), config, pair_tokens, length, lm_head=True,
         frozen=frozen, packed=packed))
   out += _sampler_programs(cfg, config, mesh, rules, steps)
   order = {s: i for i, s in enumerate(steps)}

@@ -107,13 +107,14 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
     del step
     return loop.evaluate_held_out(eval_step, params, evals, batch_size=cfg.batch_size,
                                   pad_id=fmt.pad_id,
-                                  bucket_lengths=cfg.data.bucket_lengths, frozen=frozen)
+                                  bucket_lengths=cfg.data.bucket_lengths, frozen=frozen,
+                                  score_positions=True)
 
   result = loop.train(cfg, workdir, loop.Task(
       name="dpo", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
       init_params=lambda s: model_init.init_llama_params(cfg.model, mconfig, s, cfg.seed),
       train_examples=train_examples, pad_id=fmt.pad_id, evaluate=evaluate,
-      frozen=frozen), mesh=mesh)
+      frozen=frozen, score_positions=True), mesh=mesh)
 
   # ---- Export and report -------------------------------------------------------------
   if not result.preempted:

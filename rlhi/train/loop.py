@@ -50,6 +50,9 @@ class Task:
   # Arrays the loss reads but does not train (DPO's live reference params), already
   # placed on the mesh; passed as loss_fn's fourth argument (rlhi/train/step.py).
   frozen: Any = None
+  # Pairs batches carry inputs.score_positions (the loss runs the LM head on response
+  # targets only: DPO); off, a batch has one shape less to compile per bucket.
+  score_positions: bool = False
 
 
 @dataclasses.dataclass
@@ -142,7 +145,8 @@ def _train(cfg, workdir, task, mesh, rules) -> TrainResult:
       pad_id=task.pad_id, bucket_lengths=tuple(cfg.data.bucket_lengths),
       seed=cfg.seed, shuffle=True, num_epochs=None, process_index=proc,
       process_count=n_proc, packing=bool(cfg.data.get("packing", False)),
-      row_multiple=sharding.row_multiple(mesh, cfg.accum_steps, rules))
+      row_multiple=sharding.row_multiple(mesh, cfg.accum_steps, rules),
+      score_positions=task.score_positions)
   if data_state:
     batches.set_state(data_state)
 
@@ -223,19 +227,20 @@ def _count_tokens(batch: Mapping[str, np.ndarray]) -> int:
 
 def evaluate_examples(eval_step: Callable, params: Any,
                       examples: Sequence[Mapping[str, Any]], *, batch_size: int,
-                      pad_id: int, bucket_lengths: Sequence[int], frozen: Any = None
-                      ) -> dict[str, float]:
+                      pad_id: int, bucket_lengths: Sequence[int], frozen: Any = None,
+                      score_positions: bool = False) -> dict[str, float]:
   """Means of `eval_step`'s (sum, count) metrics over every example, once.
 
   `eval_step` is jitted by the caller (rlhi.train.step.make_eval_step). Runs inside
   the mesh of `train`; the last batch is padded with rows marked invalid. `frozen` is
-  passed on to the loss (see Task.frozen).
+  passed on to the loss (see Task.frozen); `score_positions` as in Task.
   """
   n_proc = jax.process_count()
   batches = inputs.make_batches(
       examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
       bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
-      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc)
+      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc,
+      score_positions=score_positions)
   totals = None
   for host_batch in batches:
     extra = () if frozen is None else (frozen,)
@@ -335,8 +340,8 @@ def evaluate_held_out(eval_step: Callable, params: Any,
                       sets: Mapping[tuple[str, bool], Sequence[Mapping[str, Any]]], *,
                       batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
                       frozen: Any = None,
-                      post: Callable[[dict[str, float]], dict[str, float]] | None = None
-                      ) -> dict[str, float]:
+                      post: Callable[[dict[str, float]], dict[str, float]] | None = None,
+                      score_positions: bool = False) -> dict[str, float]:
   """`evaluate_examples` on held-out sets keyed (split, with_persona), as one dict
   {'<split>_<persona|no_persona>/<metric>': value}; an empty set gets count 0 only.
   `post` maps each set's metrics (e.g. objectives.with_reward_std)."""
@@ -347,6 +352,7 @@ def evaluate_held_out(eval_step: Callable, params: Any,
       out[f"{tag}/count"] = 0.0
       continue
     m = evaluate_examples(eval_step, params, examples, batch_size=batch_size,
-                          pad_id=pad_id, bucket_lengths=bucket_lengths, frozen=frozen)
+                          pad_id=pad_id, bucket_lengths=bucket_lengths, frozen=frozen,
+                          score_positions=score_positions)
     out.update({f"{tag}/{k}": v for k, v in (post(m) if post else m).items()})
   return out

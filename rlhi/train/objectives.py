@@ -103,21 +103,31 @@ def sequence_logps(params, config: llama.LlamaConfig, batch, chunk: int = 256
   Chosen first, then rejected (i and N + i are one pair, N = the size of
   batch['valid'] flattened), in one forward pass. Only positions whose target is a
   response token count (loss_mask), so prompt tokens and padding never contribute;
-  the LM head runs over chunks of `chunk` positions, so no [rows, L, vocab] float32
+  the LM head runs on the columns of `score_positions` only (the response targets,
+  rlhi/inputs.py), over chunks of `chunk` positions, so no [rows, L, vocab] float32
   logits are held (llama.token_logprobs). A packed batch gives, pair by pair, the
   values of the unpacked one up to float32 rounding.
   """
+  # A batch made by hand without score_positions is scored at every column.
+  at = lambda x, cols: x if cols is None else jnp.take_along_axis(x, cols, axis=1)
   if inputs.is_packed(batch):
+    cols = batch.get("score_positions")
     logp = llama.token_logprobs(params, config, batch["tokens"], batch["positions"],
                                 batch["segment_ids"], batch["targets"], chunk,
-                                response_ids=batch["response_ids"])
-    logps = _slot_sums(logp, batch)
-    lengths = _slot_sums(jnp.ones_like(logp), batch)
+                                response_ids=batch["response_ids"],
+                                score_positions=cols)
+    scored = {k: at(batch[k], cols)
+              for k in ("loss_mask", "segment_ids", "response_ids")}
+    scored["valid"] = batch["valid"]
+    logps = _slot_sums(logp, scored)
+    lengths = _slot_sums(jnp.ones_like(logp), scored)
     return jnp.concatenate(logps), jnp.concatenate(lengths)
   cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+  cols = cat("score_positions") if "chosen_score_positions" in batch else None
   logp = llama.token_logprobs(params, config, cat("tokens"), cat("positions"),
-                              cat("segment_ids"), cat("targets"), chunk)
-  mask = cat("loss_mask")
+                              cat("segment_ids"), cat("targets"), chunk,
+                              score_positions=cols)
+  mask = at(cat("loss_mask"), cols)
   return (logp * mask).sum(-1), mask.sum(-1)
 
 

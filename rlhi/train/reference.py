@@ -113,7 +113,7 @@ def compute(params: Any, config: llama.LlamaConfig,
       examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
       bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
       drop_remainder=False, process_index=jax.process_index(), process_count=n_proc,
-      packing=packing, row_multiple=sharding.row_multiple(mesh))
+      packing=packing, row_multiple=sharding.row_multiple(mesh), score_positions=True)
   fn = jitted_logps(config, mesh, chunk)
   out = []
   with sharding.use_mesh(mesh):
