@@ -3,13 +3,16 @@ r"""rlhi's DPO step against TRL's DPOTrainer, each in a process of its own.
   python bench/dpo_vs_trl.py --model tiny                  # 8 pairs x (256 + 256), 3 rounds
   python bench/dpo_vs_trl.py --model small --pairs 4 --steps 3 --modes cached --rounds 2
   python bench/dpo_vs_trl.py --model tiny --rlhi rlhi,rlhi_packed   # more rlhi variants
+  python bench/dpo_vs_trl.py --model smollm2 --pairs 2 --rounds 2 --modes cached
   python bench/dpo_vs_trl.py --data rlhi --length 4096 --pairs 2 --modes cached \
       --buckets 512,1024,1536,2048,2560,3072,3584,4096 --rlhi rlhi,rlhi_packed
 
 The parent process prepares once, then launches worker processes one at a time:
 
-  1. Random `--model` params (rlhi init), written with hf_io.save_checkpoint to a temp
-     dir, and the bundled tokenizer saved with save_pretrained. Both workers load that
+  1. Random `--model` params (rlhi init; or, for a model source such as `smollm2`, its
+     real weights in float32), written with hf_io.save_checkpoint to a temp dir, and
+     the bundled tokenizer saved with save_pretrained (its ids are valid in SmolLM2's
+     larger vocabulary; step time does not depend on which tokens they are). Both workers load that
      directory (rlhi: hf_io.load_checkpoint; TRL: LlamaForCausalLM.from_pretrained), so
      they hold identical weights.
   2. The data (`--data`, a name in DATA): plain-text prompt/chosen/rejected made of words
@@ -397,6 +400,22 @@ RLHI_STEPS: dict[str, Callable[..., BuiltStep]] = {
     "rlhi_dense": lambda *a: build_rlhi(*a, dense=True)}
 
 
+def model_config(name: str, model_dir: str | None = None):
+  """float32 LlamaConfig of `--model`: a named config of rlhi.models.llama (random
+  weights), or a model source (rlhi.models.sources: 'smollm2', a .gguf file, an HF
+  directory) whose real weights the parent exports; a worker reads the export."""
+  # pylint: disable=g-import-not-at-top
+  from rlhi.models import hf_io
+  from rlhi.models import llama
+  from rlhi.models import sources
+  f32 = dict(param_dtype="float32", dtype="float32")
+  if model_dir is not None and name not in llama.CONFIG_NAMES:
+    return hf_io.load_config(model_dir, **f32)
+  if name in llama.CONFIG_NAMES:
+    return llama.get_config(name, **f32)
+  return sources.load_config(name, **f32)
+
+
 def xla_matmul_flops_per_s(n: int, reps: int = 3) -> float:
   from bench import train_step  # pylint: disable=g-import-not-at-top
   return train_step.matmul_flops_per_s(n, reps=reps)
@@ -409,7 +428,7 @@ def rlhi_worker(name: str, spec: dict[str, Any]) -> dict[str, Any]:
   from rlhi.models import llama  # pylint: disable=g-import-not-at-top
 
   peaks = [xla_matmul_flops_per_s(spec["matmul_n"])]
-  config = llama.get_config(spec["model"])
+  config = model_config(spec["model"], spec["model_dir"])
   pairs = rows_of(json.load(open(spec["data"])))
   mesh = sharding.make_mesh({"fsdp": -1})
   with sharding.use_mesh(mesh):
@@ -588,7 +607,7 @@ def main():
   from rlhi.models import llama  # pylint: disable=g-import-not-at-top
   from rlhi.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
-  config = llama.get_config(a.model)
+  config = model_config(a.model)
   n_params = llama.param_count(config)
   n_steps = a.warmup + a.steps
   tmp = None
@@ -599,8 +618,13 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     work = tmp.name
   model_dir, tok_dir = os.path.join(work, "model"), os.path.join(work, "tokenizer")
-  hf_io.save_checkpoint(llama.init_params(config, jax.random.PRNGKey(0)), config,
-                        model_dir)
+  if a.model in llama.CONFIG_NAMES:
+    params = llama.init_params(config, jax.random.PRNGKey(0))
+  else:  # real weights (e.g. SmolLM2's GGUF, dequantized to float32)
+    from rlhi.models import sources  # pylint: disable=g-import-not-at-top
+    config, params = sources.load_checkpoint(a.model, param_dtype="float32",
+                                             dtype="float32")
+  hf_io.save_checkpoint(params, config, model_dir)
   tok = tokenizer_lib.load_tokenizer("bundled")
   tok.save_pretrained(tok_dir)
   cols = DATA[a.data](single_token_words(tok), a.pairs * n_steps, a.prompt_length,
