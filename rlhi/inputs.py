@@ -632,7 +632,7 @@ def score_width(count: int, length: int) -> int:
   return min(length, _round_up(count, quarter))
 
 
-def score_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
+def score_columns(loss_mask: np.ndarray, width: int) -> np.ndarray:
   """int32 [R, width]: the columns of each row where loss_mask is 1, in order, then
   the last column (whose loss_mask is always 0: its target is past the row). The LM
   head runs on these columns only (objectives.sequence_logps), not on prompts or
@@ -642,13 +642,10 @@ def score_positions(loss_mask: np.ndarray, width: int) -> np.ndarray:
   for r in range(rows):
     cols = np.flatnonzero(loss_mask[r])
     if len(cols) > width:
-      raise ValueError(f"score_positions: {len(cols)} response targets in a row, "
+      raise ValueError(f"score_columns: {len(cols)} response targets in a row, "
                        f"width {width}")
     out[r, :len(cols)] = cols
   return out
-
-
-_score_columns = score_positions  # for functions whose option has the same name
 
 
 def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id: int,
@@ -662,7 +659,7 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
   stack into one forward pass), prompt_length: int32[B], valid: bool[B], float32[B]
   `ref_chosen_logps` / `ref_rejected_logps` when the examples carry them, and with
   `score_positions` (for DPO log-probs) `*_score_positions` int32 [B, K]: the columns
-  whose target is a response token (module function `score_positions`).
+  whose target is a response token (`score_columns`).
   L is the smallest bucket holding the longest sequence of `length_of` (default: of
   `examples`): a host pads its rows to the bucket of the whole global batch, so that
   every host builds the same shape. Rows past len(examples) (a last partial batch) are
@@ -693,7 +690,7 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], *, batch_size: int, pad_id:
                for e in examples]
       rows = _pad_rows(seqs, masks, batch_size, length, pad_id)
       if score_positions:
-        rows["score_positions"] = _score_columns(rows["loss_mask"], width)
+        rows["score_positions"] = score_columns(rows["loss_mask"], width)
       batch |= {f"{side}_{k}": v for k, v in rows.items()}
     for k in PAIR_FLOATS:
       if k in length_of[0]:
@@ -777,8 +774,8 @@ def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *
   prompt's last token is repeated so that each response has the query that predicts
   its first token: the copy sees exactly what the prompt's last token sees in an
   unpacked row. loss_mask marks positions whose target is a token of the same
-  response; with a `width`, `score_positions` [R, width] lists those columns (module
-  function `score_positions`; for DPO log-probs). Per slot: valid,
+  response; with a `width`, `score_positions` [R, width] lists those columns
+  (`score_columns`; for DPO log-probs). Per slot: valid,
   prompt_length, chosen_end / rejected_end (column of each response's last token,
   where the reward model reads its score) and the reference log-probs when the
   examples carry them.
@@ -841,7 +838,7 @@ def pack(examples: Sequence[Mapping[str, Any]], rows: Sequence[Sequence[int]], *
   if kind == "pairs":
     batch["response_ids"] = response_ids
     if width is not None:
-      batch["score_positions"] = score_positions(loss_mask, width)
+      batch["score_positions"] = score_columns(loss_mask, width)
   return batch
 
 
@@ -956,7 +953,7 @@ def make_batches(source: Sequence[Example], *, per_host_batch_size: int, pad_id:
   their lengths (a multiple of `row_multiple`; give the number of batch shards times
   accum_steps, over the processes) and per-slot arrays; see docs/inputs.md.
   `score_positions`: pairs batches carry the columns of the response targets, where
-  DPO's log-probs run the LM head (`score_positions`); the reward model needs none.
+  DPO's log-probs run the LM head (`score_columns`); the reward model needs none.
   """
   if per_host_batch_size <= 0:
     raise ValueError(f"per_host_batch_size must be positive, got {per_host_batch_size}")

@@ -114,7 +114,7 @@ def _left_pad(batch, length):
         y[i, length - n[i]:] = x[i, :n[i]]
       out[f"{side}_{k}"] = y
     mask = out[f"{side}_loss_mask"]
-    out[f"{side}_score_positions"] = inputs.score_positions(
+    out[f"{side}_score_positions"] = inputs.score_columns(
         mask, inputs.score_width(int(mask.sum(1).max()), length))
   return out
 
