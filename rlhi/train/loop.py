@@ -50,8 +50,8 @@ class Task:
   # Arrays the loss reads but does not train (DPO's live reference params), already
   # placed on the mesh; passed as loss_fn's fourth argument (rlhi/train/step.py).
   frozen: Any = None
-  # Pairs batches carry score_positions (inputs.score_columns: the LM head runs on response
-  # targets only: DPO); off, a batch has one shape less to compile per bucket.
+  # Pairs batches carry score_positions (inputs.score_columns): the LM head runs on
+  # response targets only (DPO); off, a batch has one shape less to compile per bucket.
   score_positions: bool = False
 
 
