@@ -1,27 +1,15 @@
-r"""Trains the persona-conditioned reward model; see configs/reward_model.py.
+r"""Trains the persona-conditioned reward model; see configs/reward_model.py and
+rlhi/train/reward.py.
 
   python -m experiments.train_reward --config configs/reward_model.py:tiny \
       --workdir /tmp/rlhi_demo/reward
 """
 
-import os
-
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from rlhi import cli
-from rlhi import inputs
-from rlhi import sharding
-from rlhi.data import pipeline
-from rlhi.models import llama
-from rlhi.models import reward
-from rlhi.models import reward_io
-from rlhi.models import tokenizer as tok_lib
-from rlhi.train import loop
-from rlhi.train import model_init
-from rlhi.train import objectives
-from rlhi.train import step as step_lib
+from rlhi.train import reward
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -29,76 +17,5 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and report
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(cfg, workdir: str) -> None:
-  """The whole run of this entry point (process 0 holds the workdir lock)."""
-  # ---- Tokenizer and data ------------------------------------------------------------
-  fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
-                              cfg.data.system_template)
-  sets, input_stats = inputs.pair_sets(
-      fmt, cfg.data.dir, [(pipeline.PAIRS, "train", cfg.data.with_persona)] + [
-          (pipeline.PAIRS, s, p) for s in cfg.eval_splits for p in (True, False)],
-      max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length)
-  train_examples = sets.pop(("train", cfg.data.with_persona))
-  evals = sets
-
-  # ---- Model -------------------------------------------------------------------------
-  mconfig = model_init.model_config(cfg.model)
-  lm_abstract = llama.abstract_params(mconfig)
-
-  def init_params(shardings):
-    mesh = jax.tree.leaves(shardings)[0].mesh
-    lm = model_init.init_llama_params(
-        cfg.model, mconfig, sharding.logical_shardings(lm_abstract, mesh), cfg.seed)
-    return jax.jit(lambda p: reward.init_params(mconfig, None, backbone=p),
-                   out_shardings=shardings)(lm)
-
-  # ---- Loss and evaluators -----------------------------------------------------------
-  loss_fn = objectives.reward_loss(mconfig, cfg.loss.margin, cfg.loss.center_coef)
-  eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
-
-  def evaluate(params, step):
-    del step
-    return loop.evaluate_held_out(eval_step, params, evals, batch_size=cfg.batch_size,
-                                  pad_id=fmt.pad_id,
-                                  bucket_lengths=cfg.data.bucket_lengths,
-                                  post=objectives.with_reward_std)
-
-  result = loop.train(cfg, workdir, loop.Task(
-      name="reward", loss_fn=loss_fn, abstract_params=reward.abstract_params(mconfig),
-      init_params=init_params, train_examples=train_examples, pad_id=fmt.pad_id,
-      evaluate=evaluate))
-
-  # ---- Report ------------------------------------------------------------------------
-  if sharding.is_main_process() and not result.preempted:
-    write_report(workdir, cfg, result.final_eval, len(train_examples), input_stats)
-
-  # ---- Export ------------------------------------------------------------------------
-  # For experiments/evaluate.py. Every process calls it (the gathers are collective, as
-  # in train_sft's export); only process 0 writes.
-  if not result.preempted:
-    reward_io.save(result.state.params, mconfig, os.path.join(workdir, "reward_model"),
-                   tokenizer=fmt.tok, system_template=cfg.data.system_template,
-                   with_persona=cfg.data.with_persona)
-
-
-def write_report(workdir, cfg, final, n_train, input_stats):
-  stats = loop.input_stats_by_tag(input_stats)
-  rows = loop.held_out_rows(final, cfg.eval_splits,
-                            [("accuracy", ".3f"), ("margin", ".3f"), ("loss", ".4f")],
-                            input_stats=stats, accuracy="accuracy")
-  md = "\n".join([
-      "# Reward model evaluation", "",
-      f"Model: {cfg.model.name} (init: {cfg.model.init or 'random'}); trained "
-      f"{cfg.total_steps} steps on {n_train} train pairs "
-      f"({'with' if cfg.data.with_persona else 'without'} persona).", "",
-      loop.inputs_line(stats, loop.persona_tag("train", cfg.data.with_persona),
-                       max_length=cfg.data.max_length,
-                       max_response_length=cfg.data.max_response_length), "",
-      "Held-out users' pairs, scored with the persona in the prompt and without it:", "",
-      *loop.held_out_header(["accuracy", "mean margin", "loss"], accuracy="accuracy"),
-      *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)
-
-
 if __name__ == "__main__":
-  cli.run(cli.locked_main(run, "train_reward", _CONFIG, _WORKDIR))
+  cli.run(cli.locked_main(reward.run, "train_reward", _CONFIG, _WORKDIR))

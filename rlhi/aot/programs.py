@@ -18,8 +18,8 @@ model and DPO), the largest of `data.bucket_lengths` (the largest batch a run se
 new tokens from `user_rewards` when the config has it (configs/dpo.py).
 
 Steps:
-  sft         SFT update step (experiments/train_sft.py)
-  reward      reward-model update step (experiments/train_reward.py)
+  sft         SFT update step (rlhi/train/sft.py)
+  reward      reward-model update step (rlhi/train/reward.py)
   reference   DPO's reference log-prob pass, one batch (rlhi/train/reference.py)
   dpo_cached  DPO update step with cached reference log-probs in the batch
   dpo_live    DPO update step with the reference model run every step

@@ -1,6 +1,6 @@
 """Reward-model checkpoints: save and load a trained persona-conditioned reward model.
 
-A reward-model directory (what experiments/train_reward.py exports to
+A reward-model directory (what rlhi/train/reward.py exports to
 `<workdir>/reward_model`) holds:
 
     config.json, model.safetensors[, index]   the backbone, in HF safetensors layout
