@@ -160,6 +160,7 @@ def sample_pair_lengths() -> np.ndarray:
   # pylint: disable=g-import-not-at-top
   from configs import data_prep
   from rlhi import inputs
+  from rlhi.data import files
   from rlhi.data import pipeline
   from rlhi.data import schema
   from rlhi.models import tokenizer as tok_lib
@@ -170,7 +171,7 @@ def sample_pair_lengths() -> np.ndarray:
     for stage in pipeline.STAGES:
       pipeline.run_stage(stage, cfg, d)
     for split in schema.SPLITS:
-      path = os.path.join(d, pipeline.PAIRS.format(split=split))
+      path = os.path.join(d, files.PAIRS.format(split=split))
       if os.path.exists(path):
         examples, _ = inputs.pairs_source(path, fmt, with_persona=True,
                                           max_length=1 << 20)

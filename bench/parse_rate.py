@@ -37,6 +37,7 @@ from configs import data_prep
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
+from rlhi.data import files
 from rlhi.data import pipeline
 from rlhi.data import prompting
 from rlhi.data import schema
@@ -99,9 +100,9 @@ def main():
     cfg = data_prep.get_config("sample")
     for stage in ("ingest", "classify"):
       pipeline.run_stage(stage, cfg, sample)
-    conversations = schema.read_jsonl(os.path.join(sample, pipeline.CONVERSATIONS),
+    conversations = schema.read_jsonl(os.path.join(sample, files.CONVERSATIONS),
                                       schema.Conversation)
-    users = schema.read_jsonl(os.path.join(sample, pipeline.USERS), schema.User)
+    users = schema.read_jsonl(os.path.join(sample, files.USERS), schema.User)
   # Conversations until `follow_ups` follow-ups; users with enough history.
   chosen, n = [], 0
   for c in conversations:

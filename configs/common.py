@@ -17,6 +17,9 @@ from typing import Any
 
 import ml_collections
 
+from rlhi.data import schema
+from rlhi.models import families
+
 _TRUE = ("1", "true", "yes", "on", "")
 _FALSE = ("0", "false", "no", "off")
 
@@ -56,23 +59,15 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-# Model sizes: (batch size, mesh, remat, steps) that suit each, so that one config file
-# serves a CPU smoke run and a pod run. Pod sizes assume a v5e/v5p slice; override with
-# dotted flags.
+# Model sizes (tiny, small, llama3_8b, ...) with the (batch size, mesh, remat, lengths)
+# that suit each, so that one config file serves a CPU smoke run and a pod run: declared
+# once, by the model families that own them (rlhi/models/families/; no jax there). Pod
+# sizes assume a v5e/v5p slice; override with dotted flags.
 _SIZES = {
-    "tiny": dict(batch_size=8, mesh=dict(data=1, fsdp=-1, tensor=1), remat="none",
-                 max_length=512, buckets=(128, 256, 512)),
-    "small": dict(batch_size=16, mesh=dict(data=1, fsdp=-1, tensor=1), remat="none",
-                  max_length=1024, buckets=(256, 512, 1024)),
-    "llama3_1b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1),
-                      remat="dots_with_no_batch_dims_saveable", max_length=4096,
-                      buckets=(1024, 2048, 4096)),
-    "llama3_8b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1), remat="full",
-                      max_length=4096, buckets=(1024, 2048, 4096)),
-    "llama3_70b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=4),
-                       remat="full", max_length=4096, buckets=(2048, 4096)),
-    "qwen2_7b": dict(batch_size=64, mesh=dict(data=1, fsdp=-1, tensor=1), remat="full",
-                     max_length=4096, buckets=(1024, 2048, 4096)),
+    name: dict(batch_size=s.train.batch_size, mesh=dict(s.train.mesh),
+               remat=s.train.remat_policy, max_length=s.train.max_length,
+               buckets=tuple(s.train.bucket_lengths))
+    for name, s in families.named_sizes().items()
 }
 
 
@@ -97,7 +92,7 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
-      name=model,  # a named LlamaConfig (rlhi/models/llama.py)
+      name=model,  # a named size (rlhi/models/families/, llama.get_config)
       init="",  # '' random; or an HF checkpoint dir (also what rlhi runs export)
       remat_policy=size["remat"],
       scan_layers=True,
@@ -113,10 +108,10 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
       bucket_lengths=size["buckets"],
       with_persona=True,  # False: the no-persona ablation
       # Several examples per row; a pair's prompt once, shared by its two responses
-      # (rlhi/inputs.py `pack`, docs/inputs.md). Same losses up to float32 rounding;
-      # False: one example per row, padded to a bucket.
+      # (rlhi/inputs/batches.py `pack`, docs/inputs.md). Same losses up to float32
+      # rounding; False: one example per row, padded to a bucket.
       packing=True,
-      system_template="About the user:\n{persona}",
+      system_template=schema.PERSONA_TEMPLATE,
   ))
   config.batch_size = size["batch_size"]  # global, over all hosts
   config.accum_steps = 1
@@ -125,6 +120,9 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
       lr=lr, warmup_steps=max(1, steps // 20), decay="cosine", end_lr_factor=0.1,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
   config.mesh = ml_collections.ConfigDict(size["mesh"])
+  # Logical axis -> mesh axes of the training state, batches and activations, MaxText
+  # style ((name, axes), ...; earlier win); () keeps rlhi.sharding.DEFAULT_RULES.
+  config.sharding_rules = ()
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=max(1, steps // 4), keep=2, keep_every=0, use_async=True))
   config.log_every = max(1, min(10, steps // 10))

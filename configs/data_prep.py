@@ -53,8 +53,8 @@ def get_config(arg=None):
   ))
 
   # The LLM that classifies, writes personas and rewrites: any OpenAI-compatible server
-  # (rlhi/data/client.py documents every field). The key is read from the environment
-  # variable named here, never from a file.
+  # (rlhi/data/client/__init__.py documents every field). The key is read from the
+  # environment variable named here, never from a file.
   config.client = client_lib.default_config()
   config.client.base_url = "http://127.0.0.1:8000/v1"
   config.client.model = "meta-llama/Llama-3.1-70B-Instruct"
@@ -81,7 +81,7 @@ def get_config(arg=None):
   ))
   config.rewrites = ml_collections.ConfigDict(dict(
       mode="feedback",  # 'scratch': the rewrites-from-scratch baseline
-      use_persona=True,
+      with_persona=True,
       rejected="original",  # 'regenerate': the base policy answers (policy_client)
       max_identical_ratio=0.95,
       max_quoted_words=8,

@@ -74,7 +74,9 @@ def get_config(arg=None):
   config.user_rewards = dict(
       rounds=arg.rounds or 2,
       reward_model="",  # a reward_io dir: <train_reward workdir>/reward_model
-      rm_persona=True,  # False: user-agnostic rewards (the paper's baseline)
+      # The reward model sees the persona; False: user-agnostic rewards (the paper's
+      # baseline).
+      with_persona=True,
       reference="initial",  # initial | previous: DPO reference of each round
       prompts_per_round=64 if model in ("tiny", "small") else 2048,
       num_samples=4, temperature=0.6, top_p=0.9,  # the paper's sampling settings

@@ -30,21 +30,24 @@ Variants (after the colon, comma-separated):
                            workdir>/reward_model): the reward_model judge's, and turns on
                            reward_eval.
   no_persona               the ablation: no checkpoint system gets the persona, and the
-                           reward-model judge scores without it. Otherwise a checkpoint
-                           system B gets the persona (persona-guided inference); with
-                           a=checkpoint, A is the same model without it.
+                           reward-model judge scores without it (every with_persona
+                           below False). Otherwise a checkpoint system B gets the
+                           persona (persona-guided inference); with a=checkpoint, A is
+                           the same model without it.
   max_items=N              at most N items (default 0: all target turns of test users).
   rm_only                  skip UserEval; only the reward model's accuracy.
   quick                    a smoke run: 8 items, 64 new tokens, 200 bootstrap samples.
 
 Every field below can be overridden with a dotted flag, e.g.
---config.systems.b.persona=false or --config.judge.client.api_key_env=OPENAI_API_KEY.
+--config.systems.b.with_persona=false or
+--config.judge.client.api_key_env=OPENAI_API_KEY.
 """
 
 import ml_collections
 
 from configs import common
 from rlhi.data import client as client_lib
+from rlhi.data import schema
 
 
 def get_config(arg=None):
@@ -69,19 +72,20 @@ def get_config(arg=None):
 
   # ---- Systems -----------------------------------------------------------------------
   # kind: original (the WildChat answer) | checkpoint (HF dir, rlhi's sampler) |
-  # answers (JSONL of {item_id, text}). persona: persona-guided inference (checkpoint).
-  def system(kind, persona):
+  # answers (JSONL of {item_id, text}). with_persona: persona-guided inference
+  # (checkpoint).
+  def system(kind, with_persona):
     return ml_collections.ConfigDict(dict(
         kind=kind, path=arg.ckpt if kind == "checkpoint" else "",
-        persona=persona and kind == "checkpoint" and not arg.no_persona,
+        with_persona=with_persona and kind == "checkpoint" and not arg.no_persona,
         tokenizer="",  # '' = the checkpoint's own
-        name="",  # label in the report; '' = from kind, path and persona
+        name="",  # label in the report; '' = from kind, path and with_persona
     ))
   config.systems = ml_collections.ConfigDict(dict(
-      a=system(arg.a, persona=False), b=system(arg.b, persona=True)))
+      a=system(arg.a, with_persona=False), b=system(arg.b, with_persona=True)))
   # How the persona enters the system slot: the template training used
   # (configs/common.py data.system_template).
-  config.system_template = "About the user:\n{persona}"
+  config.system_template = schema.PERSONA_TEMPLATE
   config.generation = ml_collections.ConfigDict(dict(
       max_new_tokens=64 if arg.quick else 512,
       temperature=0.0,  # greedy: deterministic answers
@@ -99,7 +103,7 @@ def get_config(arg=None):
   client.api_key_env = ""  # e.g. "OPENAI_API_KEY" for a hosted API
   config.judge = ml_collections.ConfigDict(dict(
       kind=arg.judge,
-      client=client,  # the LLM judge (rlhi/data/client.py documents every field)
+      client=client,  # the LLM judge (rlhi/data/client/ documents every field)
       dimensions=("personalization", "instruction_following", "overall"),
       max_tokens=512,
       temperature=0.0,
@@ -110,7 +114,7 @@ def get_config(arg=None):
           path=arg.rm,  # reward_io directory: <train_reward workdir>/reward_model
           tokenizer="",  # '' = the one saved with it
           system_template="",  # '' = the one it was trained with
-          persona=not arg.no_persona,
+          with_persona=not arg.no_persona,
           batch_size=8,
           max_length=2048,
           max_response_length=1024,

@@ -37,27 +37,10 @@ _SYSTEM_TEMPLATE = flags.DEFINE_string(
     "system_template", "{persona}", "System message around --persona.")
 
 
-def _fit(gen: generate.ChatGenerator, history: list[dict[str, str]], persona: str,
-         max_new_tokens: int) -> list[dict[str, str]]:
-  """`history` without its oldest exchanges, until prompt + reply fit the context."""
-  limit = gen.config.max_position_embeddings - max_new_tokens
-  while len(history) > 1:
-    messages = gen.fmt.messages(history, persona=persona or None)
-    if len(gen.fmt.encode(messages).prompt_ids) <= limit:
-      break
-    history = history[2:] if len(history) > 2 else history[1:]
-  return history
-
-
-def _reply(gen: generate.ChatGenerator, history: list[dict[str, str]],
-           turn: int) -> generate.Generation:
-  messages = gen.fmt.messages(history, persona=_PERSONA.value or None)
-  out = gen.generate([messages], max_new_tokens=_MAX_NEW_TOKENS.value,
-                     temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                     seed=_SEED.value + turn)[0]
-  if not out.finished:
+def _print(reply: generate.Generation) -> None:
+  if not reply.finished:
     print(f"[reply cut at --max_new_tokens={_MAX_NEW_TOKENS.value}]", file=sys.stderr)
-  return out
+  print(reply.text, flush=True)
 
 
 def main(argv):
@@ -65,36 +48,28 @@ def main(argv):
     raise ValueError(f"unexpected arguments {argv[1:]}; the message goes in --prompt")
   # One conversation at a time: a batch of one, prompts padded to a multiple of 64 so
   # that a growing history recompiles the sampler rarely.
-  gen = generate.ChatGenerator(_INIT.value, _TOKENIZER.value, batch_size=1,
-                               system_template=_SYSTEM_TEMPLATE.value)
+  chat = generate.Chat(
+      generate.ChatGenerator(_INIT.value, _TOKENIZER.value, batch_size=1,
+                             system_template=_SYSTEM_TEMPLATE.value),
+      persona=_PERSONA.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      temperature=_TEMPERATURE.value, top_p=_TOP_P.value, seed=_SEED.value)
   if _PROMPT.value is not None:
-    print(_reply(gen, [{"role": "user", "content": _PROMPT.value}], 0).text)
+    _print(chat.say(_PROMPT.value))
     return
-
   interactive = sys.stdin.isatty()
   if interactive:
     print(f"Chatting with {_INIT.value}. /reset forgets the conversation, /quit "
           f"(or Ctrl-D) ends it.", file=sys.stderr)
-  history: list[dict[str, str]] = []
-  turn = 0
   while True:
     if interactive:
       print("> ", end="", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     if not line or line.strip() == "/quit":
       break
-    text = line.strip()
-    if not text:
-      continue
-    if text == "/reset":
-      history = []
-      continue
-    history = _fit(gen, history + [{"role": "user", "content": text}],
-                   _PERSONA.value, _MAX_NEW_TOKENS.value)
-    reply = _reply(gen, history, turn).text
-    history.append({"role": "assistant", "content": reply})
-    turn += 1
-    print(reply, flush=True)
+    if line.strip() == "/reset":
+      chat.reset()
+    elif line.strip():
+      _print(chat.say(line.strip()))
 
 
 if __name__ == "__main__":

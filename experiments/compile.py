@@ -22,7 +22,6 @@ status 1 when a step does not fit or does not compile.
 docs/tpu.md has the table for Llama-3.1-8B and 70B, and what the estimate leaves out.
 """
 
-import json
 import os
 import sys
 
@@ -57,88 +56,19 @@ _HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Write each step's compiled HLO he
 flags.mark_flags_as_required(["config", "topology"])
 
 
-def _parse_meshes(text: str) -> list[dict[str, int]]:
-  meshes = []
-  for spec in filter(None, (m.strip() for m in text.split(";"))):
-    try:
-      meshes.append({k.strip(): int(v) for k, v in
-                     (kv.split("=") for kv in spec.split(","))})
-    except ValueError as e:
-      raise ValueError(f"--search_meshes: {spec!r}; expected axis=size pairs such as "
-                       f"'fsdp=16,tensor=4'") from e
-  return meshes
-
-
-def _write_hlo(name: str, text: str) -> None:
-  if not _HLO_DIR.value or not text:
-    return
-  from rlhi.aot import check  # pylint: disable=g-import-not-at-top
-  os.makedirs(_HLO_DIR.value, exist_ok=True)
-  with open(os.path.join(_HLO_DIR.value, check.hlo_file_name(name)), "w") as f:
-    f.write(text)
-
-
 def main(argv):
   del argv
-  # pylint: disable=g-import-not-at-top
-  from rlhi import sharding
-  from rlhi.aot import check
-  from rlhi.aot import programs
-  from rlhi.aot import topology
-  cfg = _CONFIG.value
+  from rlhi.aot import check  # pylint: disable=g-import-not-at-top  (after JAX_PLATFORMS)
   try:
-    s = topology.parse(_TOPOLOGY.value)
-    steps = tuple(_STEPS.value) or programs.default_steps(cfg)
-    unknown = [step for step in steps if step not in programs.STEPS]
-    if unknown:
-      raise ValueError(f"--steps: unknown {unknown}; known: {', '.join(programs.STEPS)}")
-    devices = topology.devices(s)
-  except (ValueError, RuntimeError) as e:  # says what to fix; no traceback
+    ok = check.run(_CONFIG.value, _TOPOLOGY.value, _STEPS.value,
+                   search_settings=_SEARCH.value, search_meshes=_SEARCH_MESHES.value,
+                   search_remat=_SEARCH_REMAT.value, max_accum=_MAX_ACCUM.value,
+                   json_path=_JSON.value, hlo_dir=_HLO_DIR.value,
+                   log=lambda line: print(line, flush=True))
+  except check.SettingsError as e:  # says what to fix; no traceback
     sys.stderr.write(f"ERROR: {e}\n")
     sys.exit(2)
-  print(f"Compiling {', '.join(steps)} ({programs.experiment_kind(cfg)} config, model "
-        f"{cfg.model.init or cfg.model.name}) for {s.accelerator} ({s.topology}); the "
-        f"TPU compiler runs on this host's CPU.", flush=True)
-
-  if _SEARCH.value:
-    config, _ = programs.model_configs(cfg)
-    meshes = (_parse_meshes(_SEARCH_MESHES.value) or
-              check.default_meshes(s.chips, dict(cfg.mesh), config.num_kv_heads))
-    ok = True
-    found = {}
-    for step in steps:
-      print(f"\n{step}:", flush=True)
-      candidates = check.search(cfg, step, s, devices, meshes=meshes,
-                                remats=_SEARCH_REMAT.value, max_accum=_MAX_ACCUM.value,
-                                log=lambda line: print(line, flush=True))
-      print("\n" + check.format_search(candidates, step), flush=True)
-      found[step] = candidates
-      for c in candidates:
-        if c.result.fits:
-          _write_hlo(f"{step} {c.label()}", c.result.hlo_text)
-      ok &= any(c.result.fits for c in candidates)
-    if _JSON.value:
-      with open(_JSON.value, "w") as f:
-        json.dump({step: [dict(setting=c.label(), **check.results_json([c.result])[0])
-                          for c in cands] for step, cands in found.items()}, f, indent=1)
-    sys.exit(0 if ok else 1)
-
-  mesh = sharding.make_mesh(dict(cfg.mesh), devices=devices)
-  results = []
-  for program in programs.build(cfg, mesh, steps):
-    print(f"  {program.name}: {program.description} ...", flush=True)
-    results.append(check.compile_program(program, s))
-    _write_hlo(program.name, results[-1].hlo_text)
-  print("\n" + check.format_results(results, s), flush=True)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(check.results_json(results), f, indent=1)
-  failed = [r.name for r in results if not r.fits]
-  if failed:
-    print(f"\nDoes not fit or does not compile on {s.accelerator}: {', '.join(failed)}. "
-          f"Try --search, more chips, or config.accum_steps / model.remat_policy / "
-          f"mesh.", flush=True)
-    sys.exit(1)
+  sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

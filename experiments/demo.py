@@ -147,7 +147,7 @@ def _demo(work: str, quick: bool) -> None:
 
   # ---- UserEval (reward-model judge) and reward-model accuracy ----------------------
   t0 = time.perf_counter()
-  for name, a, b, persona in _COMPARISONS:
+  for name, a, b, with_persona in _COMPARISONS:
     path = {"sft": sft, "dpo": dpo, "online": online}
     _run(f"eval {name}", [
         sys.executable, "-m", "experiments.evaluate",
@@ -155,9 +155,10 @@ def _demo(work: str, quick: bool) -> None:
         + (",quick" if quick else ""),
         f"--workdir={d('eval_' + name)}", f"--config.data.dir={data_dir}",
         f"--config.systems.a.path={path[a]}", f"--config.systems.b.path={path[b]}",
-        f"--config.systems.a.persona={persona}", f"--config.systems.b.persona={persona}",
-        f"--config.systems.a.name={a}{' + persona' if persona else ''}",
-        f"--config.systems.b.name={b}{' + persona' if persona else ''}",
+        f"--config.systems.a.with_persona={with_persona}",
+        f"--config.systems.b.with_persona={with_persona}",
+        f"--config.systems.a.name={a}{' + persona' if with_persona else ''}",
+        f"--config.systems.b.name={b}{' + persona' if with_persona else ''}",
         f"--config.generation.max_new_tokens={32 if quick else 64}",
         # Sampled, as in the online round: the tiny model's greedy answers are mostly
         # runs of newlines (empty once stripped), which would make every pair a tie.

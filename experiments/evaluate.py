@@ -3,58 +3,14 @@ r"""Evaluation: WildChat UserEval and reward-model accuracy; see configs/eval.py
   python -m experiments.evaluate --config configs/eval.py:ckpt=/tmp/rlhi_demo/dpo/hf \
       --workdir /tmp/rlhi_demo/eval --config.data.dir=/tmp/rlhi_demo/data
 
-Writes usereval.{md,json,png} (with the answers and judgements as JSONL) and, with
-config.reward_eval.enabled, reward_eval_report.{md,json} to --workdir. Only process 0
-writes; re-running the same command resumes (answers and judge calls are reused).
+Writes usereval.{md,json,png,html} (with the answers and judgements as JSONL) and, with
+config.reward_eval.enabled, reward_eval_report.{md,json} to --workdir; see
+rlhi/eval/evaluate.py. Re-running the same command resumes.
 """
 
-import os
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
 from rlhi import cli
-from rlhi import sharding
-from rlhi.eval import report as report_lib
-from rlhi.eval import browser
-from rlhi.eval import reward_eval
-from rlhi.eval import usereval
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Reports, answers and judgements.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def run(cfg, workdir: str) -> None:
-  """The whole run of this entry point (process 0 holds the workdir lock)."""
-  if not cfg.usereval_enabled and not cfg.reward_eval.enabled:
-    raise app.UsageError("nothing to do: config.usereval_enabled and "
-                         "config.reward_eval.enabled are both false")
-
-  # ---- UserEval ----------------------------------------------------------------------
-  # One line per report: where it is and its headline number; the numbers are there.
-  if cfg.usereval_enabled:
-    report = usereval.run_usereval(cfg, workdir)
-    if sharding.is_main_process():
-      dim = "overall" if "overall" in report["win_rates"] else next(
-          iter(report["win_rates"]))
-      c = report["win_rates"][dim]["all"]
-      rate = ("n/a" if c["win_rate"] is None else f"{100 * c['win_rate']:.1f}% "
-              f"[{100 * c['ci_low']:.1f}%, {100 * c['ci_high']:.1f}%]")
-      print(f"UserEval: B ({report['systems']['b']['label']}) over A "
-            f"({report['systems']['a']['label']}), {dim}, {c['n_items']} items: {rate}. "
-            f"Report: {os.path.join(workdir, report_lib.MD_FILE)}; every item: "
-            f"{os.path.join(workdir, browser.HTML_FILE)}")
-
-  # ---- Reward-model accuracy ---------------------------------------------------------
-  if cfg.reward_eval.enabled:
-    reward_eval.run_reward_eval(cfg, workdir)
-    if sharding.is_main_process():
-      print("Reward-model accuracy: "
-            + os.path.join(workdir, f"{reward_eval.REPORT_NAME}_report.md"))
+from rlhi.eval import evaluate
 
 
 if __name__ == "__main__":
-  cli.run(cli.locked_main(run, "evaluate", _CONFIG, _WORKDIR))
+  cli.run_with_config(evaluate.run, "evaluate", "Reports, answers and judgements.")

@@ -5,17 +5,9 @@ rlhi/train/reward.py.
       --workdir /tmp/rlhi_demo/reward
 """
 
-from absl import flags
-from ml_collections import config_flags
-
 from rlhi import cli
 from rlhi.train import reward
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and reports.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 if __name__ == "__main__":
-  cli.run(cli.locked_main(reward.run, "train_reward", _CONFIG, _WORKDIR))
+  cli.run_with_config(reward.run, "train_reward", "Checkpoints, metrics and reports.")

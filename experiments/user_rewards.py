@@ -9,17 +9,10 @@ Re-running the same command resumes (finished rounds are skipped; a round's DPO
 resumes from its checkpoints). See rlhi/train/user_rewards.py and configs/dpo.py.
 """
 
-from absl import flags
-from ml_collections import config_flags
-
 from rlhi import cli
 from rlhi.train import user_rewards
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Rounds, checkpoints and reports.")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 if __name__ == "__main__":
-  cli.run(cli.locked_main(user_rewards.run, "user_rewards", _CONFIG, _WORKDIR))
+  cli.run_with_config(user_rewards.run, "user_rewards",
+                      "Rounds, checkpoints and reports.")

@@ -5,6 +5,11 @@
     if __name__ == "__main__":
       cli.run(main)
 
+A trainer or evaluator, `run(config, workdir)` of the library, is a whole entry point:
+
+    if __name__ == "__main__":
+      cli.run_with_config(dpo.run, "train_dpo", "Checkpoints, metrics and exports.")
+
 ml_collections reports a misspelled dotted override (`--config.steps=10`) as three
 chained tracebacks ending in `AttributeError: "'steps'"`. `cli.run` parses the flags
 itself and turns such a failure into one line that names the flag, the config file and
@@ -28,8 +33,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
+from ml_collections import config_flags
 
 from rlhi import workdir_lock
+from rlhi.data import files
 from rlhi.data import pipeline
 
 _OVERRIDE = re.compile(r"^--?config\.([A-Za-z0-9_.]+)(?:=(.*))?$")
@@ -126,7 +133,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 # Errors whose message says what to fix.
-_USER_ERRORS = (workdir_lock.WorkdirBusyError, pipeline.MissingInputError,
+_USER_ERRORS = (workdir_lock.WorkdirBusyError, files.MissingInputError,
                 pipeline.StageFailedError)
 
 
@@ -170,3 +177,15 @@ def run(main: Callable[[list[str]], Any]) -> None:
       sys.exit(1)
 
   app.run(main_with_clear_errors, flags_parser=parse_flags)
+
+
+def run_with_config(run_fn: Callable[[Any, str], Any], name: str, workdir_help: str
+                    ) -> None:
+  """The main of an entry point that is `run_fn(config, workdir)`: defines the flags
+  --config (a config file with its variant and dotted overrides) and --workdir, then
+  `run(locked_main(...))`. Call it under `if __name__ == "__main__":`."""
+  config = config_flags.DEFINE_config_file("config", None, "Config file.",
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  run(locked_main(run_fn, name, config, workdir))

@@ -11,7 +11,9 @@ Object stores differ from a file system in ways the callers must not trip over:
     file is as atomic as a local temporary file plus rename (`atomic_write`);
   - libraries that need a real file (safetensors' mmap, sqlite, tensorboardX,
     transformers' save_pretrained) work on a local temporary copy (`local_input`,
-    `local_output`).
+    `local_output`); a safetensors file is the exception, read in place by range
+    reads (`open_safetensors`), so that loading a checkpoint downloads only what each
+    host's shards need.
 
 Never imports jax: the data package (rlhi/data) uses this module.
 """
@@ -20,7 +22,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import io
+import json
+import math
 import os
 import re
 import shutil
@@ -29,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 from etils import epath
+import numpy as np
 
 PathLike = str | os.PathLike
 
@@ -219,3 +225,115 @@ def local_output(path: PathLike, *, is_dir: bool = False) -> Iterator[str]:
       local = os.path.join(tmp, _epath(path).name)
       yield local
       copy_file(local, path)
+
+
+# ---------------------------------------------------------------------------
+# Remote safetensors: the part of safetensors.safe_open that loading uses
+# (keys, get_slice(...)[idx], get_shape, get_tensor) over range reads, since
+# safe_open needs a local file (it mmaps it).
+#
+# Format: 8 bytes little-endian header length N, N bytes of JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
+# then the data; offsets count from the end of the header; tensors are
+# C-contiguous, little-endian.
+# ---------------------------------------------------------------------------
+
+
+@functools.cache
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+  import ml_dtypes  # pylint: disable=g-import-not-at-top  (only safetensors readers)
+  return {
+      "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+      "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"),
+      "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+      "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"),
+      "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
+  }
+
+
+class RemoteSafetensors:
+  """A safetensors file read through an open binary file object with range reads."""
+
+  def __init__(self, f, file: str):
+    self._f, self._file = f, file
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    self._header = header
+    self._data_start = 8 + n
+
+  def keys(self) -> list[str]:
+    return sorted(self._header)
+
+  def get_slice(self, name: str) -> _RemoteSlice:
+    info = self._header[name]
+    dtypes = _safetensors_dtypes()
+    if info["dtype"] not in dtypes:
+      raise ValueError(f"Tensor {name!r} in {self._file} has dtype {info['dtype']}, "
+                       f"not one of {sorted(dtypes)}")
+    dtype = dtypes[info["dtype"]]
+    shape = tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    if end - begin != math.prod(shape) * dtype.itemsize:
+      raise ValueError(f"Tensor {name!r} in {self._file}: data_offsets {begin}..{end} "
+                       f"do not fit shape {shape} of {info['dtype']}")
+    return _RemoteSlice(self, self._data_start + begin, shape, dtype)
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    return self.get_slice(name)[...]
+
+  def read(self, offset: int, size: int) -> bytes:
+    self._f.seek(offset)
+    data = self._f.read(size)
+    if len(data) != size:
+      raise ValueError(f"{self._file}: truncated (wanted {size} bytes at {offset}, "
+                       f"got {len(data)})")
+    return data
+
+
+class _RemoteSlice:
+  """`get_slice` result: reads only the rows its index selects on the first axis."""
+
+  def __init__(self, file: RemoteSafetensors, offset: int, shape: tuple[int, ...],
+               dtype: np.dtype):
+    self._file, self._offset, self._shape, self._dtype = file, offset, shape, dtype
+
+  def get_shape(self) -> list[int]:
+    return list(self._shape)
+
+  def __getitem__(self, idx) -> np.ndarray:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if not self._shape or not idx or idx[0] is Ellipsis:  # everything
+      data = self._file.read(self._offset, math.prod(self._shape) * self._dtype.itemsize)
+      return np.frombuffer(data, self._dtype).reshape(self._shape)[idx]
+    first, rest = idx[0], idx[1:]
+    n = self._shape[0]
+    if isinstance(first, slice):
+      rows = range(*first.indices(n))
+    else:  # an integer
+      i = int(first) + n if int(first) < 0 else int(first)
+      if not 0 <= i < n:
+        raise IndexError(f"index {first} out of range for axis 0 of size {n}")
+      rows = range(i, i + 1)
+    row_shape = self._shape[1:]
+    if not rows:
+      return np.zeros((0,) + row_shape, self._dtype)[(slice(None),) + rest]
+    lo, hi = min(rows), max(rows) + 1
+    row_bytes = math.prod(row_shape) * self._dtype.itemsize
+    data = self._file.read(self._offset + lo * row_bytes, (hi - lo) * row_bytes)
+    block = np.frombuffer(data, self._dtype).reshape((hi - lo,) + row_shape)
+    if not isinstance(first, slice):
+      return block[(0,) + rest]
+    stop = rows.stop - lo
+    local = slice(rows.start - lo, stop if stop >= 0 else None, rows.step)
+    return block[(local,) + rest]
+
+
+def open_safetensors(file: PathLike, stack: contextlib.ExitStack):
+  """safetensors.safe_open(framework="numpy") for a local file (it mmaps it), range
+  reads (`RemoteSafetensors`) for a remote one; closed when `stack` closes."""
+  file = os.fspath(file)
+  if is_remote(file):
+    return RemoteSafetensors(stack.enter_context(open(file, "rb")), file)
+  import safetensors  # pylint: disable=g-import-not-at-top  (only safetensors readers)
+  return stack.enter_context(safetensors.safe_open(file, framework="numpy"))

@@ -1,9 +1,10 @@
 """Chat generation from an rlhi / HF checkpoint or a GGUF model: messages in, text out.
 
 `checkpoint` is anything `rlhi.models.sources` resolves: an HF directory, a .gguf file
-or a registered name such as `smollm2`.
+or a registered name such as `smollm2`; the model is built by `rlhi.models.builder`, as
+training builds it from `config.model`.
 
-Used by the `local` inference-client backend (rlhi/data/client.py), so the data stages
+Used by the `local` inference-client backend (rlhi/data/client/), so the data stages
 can run against rlhi's own model, and by persona-guided inference: put the persona in
 the system message of the conversation (`ChatFormatter.messages(..., persona=...)`).
 
@@ -22,8 +23,8 @@ import numpy as np
 
 from rlhi import sampling
 from rlhi import sharding
+from rlhi.models import builder
 from rlhi.models import llama
-from rlhi.models import sources
 from rlhi.models import tokenizer as tok_lib
 
 
@@ -53,9 +54,11 @@ class ChatGenerator:
     self.mesh = sharding.make_mesh(dict(mesh_axes or {"fsdp": -1}))
     self.tok = tok_lib.load_tokenizer(tokenizer or checkpoint)
     self.fmt = tok_lib.ChatFormatter(self.tok, system_template)
-    config = sources.load_config(checkpoint, scan_layers=False)
-    shardings = sharding.logical_shardings(llama.abstract_params(config), self.mesh)
-    self.config, self.params = sources.load_checkpoint(checkpoint, config, shardings)
+    # Unscanned: decoding slices every layer's weights each step otherwise.
+    spec = builder.ModelSpec(init=checkpoint, scan_layers=False)
+    self.config = builder.model_config(spec)
+    shardings = sharding.logical_shardings(llama.abstract_params(self.config), self.mesh)
+    self.params = builder.init_params(spec, self.config, shardings)
     self.batch_size = batch_size
     self.prompt_multiple = prompt_multiple
 
@@ -89,4 +92,40 @@ class ChatGenerator:
         out.append(Generation(text=self.fmt.decode(ids).strip(),
                               prompt_tokens=len(prompt), completion_tokens=n,
                               finished=finished))
+    return out
+
+
+class Chat:
+  """One conversation with history: `say(text)` returns the reply. The oldest exchanges
+  are dropped when prompt + reply no longer fit the model's context; `reset()` forgets
+  the history. Turn i samples with seed `seed + i` (greedy at temperature 0)."""
+
+  def __init__(self, gen: ChatGenerator, *, persona: str = "", max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    self.gen, self.persona, self.max_new_tokens = gen, persona, max_new_tokens
+    self.temperature, self.top_p, self.seed = temperature, top_p, seed
+    self.history: list[dict[str, str]] = []
+    self.turn = 0
+
+  def reset(self) -> None:
+    self.history = []
+
+  def _fit(self, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    limit = self.gen.config.max_position_embeddings - self.max_new_tokens
+    while len(history) > 1:
+      messages = self.gen.fmt.messages(history, persona=self.persona or None)
+      if len(self.gen.fmt.encode(messages).prompt_ids) <= limit:
+        break
+      history = history[2:] if len(history) > 2 else history[1:]
+    return history
+
+  def say(self, text: str) -> Generation:
+    """The reply to `text` after the history (both then join the history)."""
+    self.history = self._fit(self.history + [{"role": "user", "content": text}])
+    messages = self.gen.fmt.messages(self.history, persona=self.persona or None)
+    out = self.gen.generate([messages], max_new_tokens=self.max_new_tokens,
+                            temperature=self.temperature, top_p=self.top_p,
+                            seed=self.seed + self.turn)[0]
+    self.history.append({"role": "assistant", "content": out.text})
+    self.turn += 1
     return out

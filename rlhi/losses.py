@@ -5,21 +5,22 @@ examples over the global batch (see rlhi/train/step.py), which keeps gradient
 accumulation and multi-host averaging exact.
 
 The DPO family (`dpo_loss`) follows the formulas of TRL's DPOTrainer (v1.16) under
-TRL's loss-type names, with the deviations listed in `dpo_loss`'s docstring.
+TRL's loss-type names, with the deviations listed in `dpo_loss`'s docstring: one small
+function per loss type, looked up by name in `DPO_LOSSES`. `check_dpo_options`
+validates the options; call it where they are built, so that a bad config fails
+before anything is traced.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "apo_down",
-                  "nca_pair", "sppo_hard", "bco_pair", "sft")
 
 
 def bradley_terry(chosen: Array, rejected: Array, margin: Array | float = 0.0,
@@ -43,35 +44,166 @@ class DPOOutput(NamedTuple):
   rejected_rewards: Array  # Same for rejected.
 
 
-def _check_options(loss_type: str | Sequence[str],
-                   loss_weights: Sequence[float] | None, beta: float,
-                   label_smoothing: float, rpo_alpha: float
-                   ) -> tuple[tuple[str, ...], tuple[float, ...]]:
-  """Validates the static options; returns (loss types, their weights)."""
+# ----------------------------------------------------------------------------------------
+# Options.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOOptions:
+  """Validated static options of `dpo_loss` (see its docstring); `check_dpo_options`
+  builds them."""
+  loss_types: tuple[str, ...]
+  loss_weights: tuple[float, ...]  # one per loss type
+  beta: float
+  label_smoothing: float
+  rpo_alpha: float
+
+
+def check_dpo_options(loss_type: str | Sequence[str],
+                      loss_weights: Sequence[float] | None = None, beta: float = 0.1,
+                      label_smoothing: float = 0.0, rpo_alpha: float = 0.0, *,
+                      fields: Mapping[str, str] | None = None) -> DPOOptions:
+  """Validates `dpo_loss`'s static options; returns them with one weight per type.
+
+  `fields` renames the options in error messages, {argument: config field} (e.g.
+  {"beta": "config.loss.beta"}), so an error names the field its value came from.
+  """
+  name = lambda arg: (fields or {}).get(arg, arg)
   types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
   if not types:
-    raise ValueError(f"dpo_loss: loss_type is empty; choose from {DPO_LOSS_TYPES}")
-  unknown = [t for t in types if t not in DPO_LOSS_TYPES]
-  if unknown:
-    raise ValueError(f"dpo_loss: unknown loss type(s) {unknown}; known: "
+    raise ValueError(f"dpo_loss: {name('loss_type')} is empty; choose one or more of "
                      f"{', '.join(DPO_LOSS_TYPES)}")
+  unknown = [t for t in types if t not in DPO_LOSSES]
+  if unknown:
+    raise ValueError(f"dpo_loss: unknown loss type(s) {unknown} in "
+                     f"{name('loss_type')}; known: {', '.join(DPO_LOSS_TYPES)}")
   if loss_weights is None:
     weights = (1.0,) * len(types)
   else:
     weights = tuple(float(w) for w in loss_weights)
     if len(weights) != len(types):
-      raise ValueError(f"dpo_loss: {len(weights)} loss_weights for {len(types)} loss "
-                       f"types {types}; give one weight per type")
+      raise ValueError(f"dpo_loss: {len(weights)} {name('loss_weights')} for "
+                       f"{len(types)} loss types {types}; give one weight per type")
   if not beta > 0:
-    raise ValueError(f"dpo_loss: beta must be > 0, got {beta}")
+    raise ValueError(f"dpo_loss: {name('beta')} must be > 0, got {beta}")
   # Also checked for sigmoid (cDPO), not only robust as in TRL: a smoothing of 0.5
   # or more means the labels carry no (or reversed) preference.
   if not 0.0 <= label_smoothing < 0.5:
-    raise ValueError(f"dpo_loss: label_smoothing must lie in [0, 0.5), got "
+    raise ValueError(f"dpo_loss: {name('label_smoothing')} must lie in [0, 0.5), got "
                      f"{label_smoothing}")
   if not rpo_alpha >= 0:
-    raise ValueError(f"dpo_loss: rpo_alpha must be >= 0, got {rpo_alpha}")
-  return types, weights
+    raise ValueError(f"dpo_loss: {name('rpo_alpha')} must be >= 0, got {rpo_alpha}")
+  return DPOOptions(types, weights, beta, label_smoothing, rpo_alpha)
+
+
+# ----------------------------------------------------------------------------------------
+# The loss types, one function each.
+# ----------------------------------------------------------------------------------------
+
+
+class DPOTerms(NamedTuple):
+  """What the DPO-family losses are written in, per pair, [B] float32 each."""
+  d_c: Array  # chosen log-ratio: policy - reference log-prob, summed over the response
+  d_r: Array  # the same for rejected
+  len_c: Array  # chosen response length, at least 1
+  len_r: Array  # rejected response length, at least 1
+  z: Array  # beta * (d_c - d_r), the DPO logit
+  chosen_rewards: Array  # beta * d_c
+  rejected_rewards: Array  # beta * d_r
+  nll: Array  # -chosen_logps / len_c: RPO's length-normalised NLL of the chosen
+  bco_delta: Array | None  # bco_pair's reward shift, no gradient; None unless used
+
+
+DPOLossFn = Callable[[DPOTerms, DPOOptions], Array]
+_log_sig = jax.nn.log_sigmoid
+
+
+def sigmoid_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """DPO (Rafailov et al., 2023); cDPO (Mitchell, 2023) with label_smoothing > 0."""
+  loss = -_log_sig(t.z)
+  if o.label_smoothing:
+    loss = (1.0 - o.label_smoothing) * loss - o.label_smoothing * _log_sig(-t.z)
+  return loss
+
+
+def ipo_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """IPO (Azar et al., 2023) on length-normalised log-ratios."""
+  # 1 / (2 tau) is the target margin of Eq. 17 of Azar et al. (2023).
+  return (t.d_c / t.len_c - t.d_r / t.len_r - 1.0 / (2.0 * o.beta)) ** 2
+
+
+def hinge_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """SLiC (Zhao et al., 2023)."""
+  del o
+  return jax.nn.relu(1.0 - t.z)
+
+
+def robust_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """Robust DPO (Chowdhury et al., 2024): unbiased under a label flip rate ls."""
+  ls = o.label_smoothing
+  return (-(1.0 - ls) * _log_sig(t.z) + ls * _log_sig(-t.z)) / (1.0 - 2.0 * ls)
+
+
+# APO (D'Oosterlinck et al., 2024). 1 - sigmoid(x) is written sigmoid(-x): no
+# cancellation when sigmoid(x) ~ 1.
+def apo_zero_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """APO-zero: chosen up, rejected down."""
+  del o
+  return jax.nn.sigmoid(-t.chosen_rewards) + jax.nn.sigmoid(t.rejected_rewards)
+
+
+def apo_down_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """APO-down: both down, rejected more."""
+  del o
+  return jax.nn.sigmoid(t.chosen_rewards) + jax.nn.sigmoid(-t.z)
+
+
+def nca_pair_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """NCA (Chen et al., 2024), pairwise."""
+  del o
+  return (-_log_sig(t.chosen_rewards) - 0.5 * _log_sig(-t.chosen_rewards)
+          - 0.5 * _log_sig(-t.rejected_rewards))
+
+
+def sppo_hard_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """Hard-probability SPPO (Wu et al., 2024): targets +-1/(2 beta) on the raw
+  log-ratios."""
+  return (t.d_c - 0.5 / o.beta) ** 2 + (t.d_r + 0.5 / o.beta) ** 2
+
+
+def bco_pair_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """BCO (Jung et al., 2024), pairwise, rewards shifted by `bco_delta`."""
+  del o
+  return (-_log_sig(t.chosen_rewards - t.bco_delta)
+          - _log_sig(-(t.rejected_rewards - t.bco_delta)))
+
+
+def sft_loss(t: DPOTerms, o: DPOOptions) -> Array:
+  """RPO's NLL of the chosen response alone (Pang et al., 2024)."""
+  del o
+  return t.nll
+
+
+# TRL's names; the order is that of the documentation (and of DPO_LOSS_TYPES).
+DPO_LOSSES: dict[str, DPOLossFn] = {
+    "sigmoid": sigmoid_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "robust": robust_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "nca_pair": nca_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "bco_pair": bco_pair_loss,
+    "sft": sft_loss,
+}
+DPO_LOSS_TYPES = tuple(DPO_LOSSES)
+
+
+# ----------------------------------------------------------------------------------------
+# The combination.
+# ----------------------------------------------------------------------------------------
 
 
 def dpo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array,
@@ -104,12 +236,14 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
       default delta; `losses` are not multiplied by it (the caller masks).
     bco_delta: bco_pair's reward shift; default: see below.
 
+  The options are validated by `check_dpo_options` (ValueError).
+
   Returns:
     DPOOutput; rewards are beta * (policy - reference) of the summed log-probs,
     under stop_gradient, whatever the loss type (TRL's `rewards/*` metrics).
 
-  Formulas, with d_c = chosen_logps - ref_chosen_logps, d_r likewise, z =
-  beta * (d_c - d_r), ls = label_smoothing:
+  Formulas (the functions of DPO_LOSSES), with d_c = chosen_logps -
+  ref_chosen_logps, d_r likewise, z = beta * (d_c - d_r), ls = label_smoothing:
     sigmoid:   -(1 - ls) log s(z) - ls log s(-z)        (DPO; cDPO with ls > 0)
     ipo:       (d_c / len_c - d_r / len_r - 1 / (2 beta))^2
     hinge:     relu(1 - z)
@@ -132,8 +266,8 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
       batch-mean reward; TRL 1.16 uses no shift (delta = 0, pass bco_delta=0.0 for
       that). Without mutable state we use `bco_delta` if given, else the
       stop_gradient mean of this call's chosen and rejected rewards, weighted by
-      `weights` (so rows of weight 0 do not count; TRL < 1.0's first step). That mean is per call, so with gradient
-      accumulation it is per micro-batch.
+      `weights` (so rows of weight 0 do not count; TRL < 1.0's first step). That
+      mean is per call, so with gradient accumulation it is per micro-batch.
     * sft and rpo_alpha (TRL < 1.0's option; TRL 1.16 has the `sft` type only):
       NLL of the chosen response normalised by its own length (the iterative RPO
       paper, Pang et al. 2024). TRL averages the NLL over all
@@ -142,65 +276,43 @@ def dpo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array
     * Not implemented: TRL's exo_pair, aot, aot_unpaired, discopop, sigmoid_norm,
       f-divergences, ld_alpha and WPO weighting (use_weighting).
   """
-  types, type_weights = _check_options(loss_type, loss_weights, beta,
-                                       label_smoothing, rpo_alpha)
+  o = check_dpo_options(loss_type, loss_weights, beta, label_smoothing, rpo_alpha)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   chosen_logps, rejected_logps = f32(chosen_logps), f32(rejected_logps)
   d_c = chosen_logps - f32(ref_chosen_logps)
   d_r = rejected_logps - f32(ref_rejected_logps)
+  # The order of these operations fixes the order in which their gradients are summed,
+  # so it is kept as it was: another order changes float32 gradients in the last bit.
   len_c = jnp.maximum(f32(chosen_length), 1.0)
   len_r = jnp.maximum(f32(rejected_length), 1.0)
-  ls = label_smoothing
   z = beta * (d_c - d_r)
   chosen_rewards, rejected_rewards = beta * d_c, beta * d_r
   # RPO's NLL, shared by the `sft` type and the rpo_alpha term.
   nll = -chosen_logps / len_c
-  log_sig = jax.nn.log_sigmoid
-
-  def bco_shift() -> Array:
-    if bco_delta is not None:
-      return jax.lax.stop_gradient(f32(bco_delta))
-    w = jnp.ones_like(d_c) if weights is None else f32(weights)
-    total = (w * (chosen_rewards + rejected_rewards)).sum()
-    count = 2.0 * w.sum()
-    # An all-padding batch has no rewards to average; 0 keeps its (masked) loss finite.
-    mean = jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
-    return jax.lax.stop_gradient(mean)
-
-  def one(t: str) -> Array:
-    if t == "sigmoid":
-      loss = -log_sig(z)
-      if ls:
-        loss = (1.0 - ls) * loss - ls * log_sig(-z)
-      return loss
-    if t == "ipo":
-      # 1 / (2 tau) is the target margin of Eq. 17 of Azar et al. (2023).
-      return (d_c / len_c - d_r / len_r - 1.0 / (2.0 * beta)) ** 2
-    if t == "hinge":
-      return jax.nn.relu(1.0 - z)
-    if t == "robust":
-      return (-(1.0 - ls) * log_sig(z) + ls * log_sig(-z)) / (1.0 - 2.0 * ls)
-    # 1 - sigmoid(x) is written sigmoid(-x): no cancellation when sigmoid(x) ~ 1.
-    if t == "apo_zero":
-      return jax.nn.sigmoid(-chosen_rewards) + jax.nn.sigmoid(rejected_rewards)
-    if t == "apo_down":
-      return jax.nn.sigmoid(chosen_rewards) + jax.nn.sigmoid(-z)
-    if t == "nca_pair":
-      return (-log_sig(chosen_rewards) - 0.5 * log_sig(-chosen_rewards)
-              - 0.5 * log_sig(-rejected_rewards))
-    if t == "sppo_hard":
-      # Hard-probability SPPO: targets +-1/(2 beta) on the raw log-ratios.
-      return (d_c - 0.5 / beta) ** 2 + (d_r + 0.5 / beta) ** 2
-    if t == "bco_pair":
-      delta = bco_shift()
-      return -log_sig(chosen_rewards - delta) - log_sig(-(rejected_rewards - delta))
-    if t == "sft":
-      return nll
-    raise AssertionError(t)  # _check_options rejected unknown names.
-
-  losses = sum(w * one(t) for t, w in zip(types, type_weights, strict=True))
-  if rpo_alpha:
-    losses = losses + rpo_alpha * nll
+  shift = (_bco_delta(bco_delta, chosen_rewards, rejected_rewards, weights)
+           if "bco_pair" in o.loss_types else None)
+  terms = DPOTerms(d_c=d_c, d_r=d_r, len_c=len_c, len_r=len_r, z=z,
+                   chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                   nll=nll, bco_delta=shift)
+  losses = sum(w * DPO_LOSSES[t](terms, o)
+               for t, w in zip(o.loss_types, o.loss_weights, strict=True))
+  if o.rpo_alpha:
+    losses = losses + o.rpo_alpha * terms.nll
   return DPOOutput(losses=losses,
                    chosen_rewards=jax.lax.stop_gradient(chosen_rewards),
                    rejected_rewards=jax.lax.stop_gradient(rejected_rewards))
+
+
+def _bco_delta(given: Array | float | None, chosen_rewards: Array,
+               rejected_rewards: Array, weights: Array | None) -> Array:
+  """bco_pair's reward shift, no gradient: `given`, else the `weights`-weighted mean
+  of all rewards."""
+  if given is not None:
+    return jax.lax.stop_gradient(jnp.asarray(given, jnp.float32))
+  w = (jnp.ones_like(chosen_rewards) if weights is None
+       else jnp.asarray(weights, jnp.float32))
+  total = (w * (chosen_rewards + rejected_rewards)).sum()
+  count = 2.0 * w.sum()
+  # An all-padding batch has no rewards to average; 0 keeps its (masked) loss finite.
+  mean = jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
+  return jax.lax.stop_gradient(mean)

@@ -52,6 +52,36 @@ DEFAULT_RULES: Rules = (
 )
 
 
+
+def rules_from_config(value: Any, field: str = "config.sharding_rules") -> Rules:
+  """`config.sharding_rules` -> Rules: empty means DEFAULT_RULES; otherwise a sequence
+  of (logical name, mesh axes) pairs, axes None, one of MESH_AXES or a tuple of them,
+  earlier pairs winning, as in MaxText's `logical_axis_rules`:
+
+    --config.sharding_rules="(('batch', ('data', 'fsdp')), ('embed', 'fsdp'),
+                              ('mlp', 'tensor'), ('heads', 'tensor'))"
+
+  Logical names that no rule lists are replicated.
+  """
+  if not value:
+    return DEFAULT_RULES
+  rules = []
+  for i, rule in enumerate(value):
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+        or not isinstance(rule[0], str)):
+      raise ValueError(f"{field}[{i}] = {rule!r}: expected a pair (logical name, mesh "
+                       f"axes), e.g. ('embed', 'fsdp') or ('batch', ('data', 'fsdp'))")
+    name, axes = rule
+    names = (() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes))
+    bad = [a for a in names if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"{field}[{i}] = {rule!r}: mesh axes {bad} are not among "
+                       f"{MESH_AXES}")
+    rules.append((name, None if axes is None else
+                  axes if isinstance(axes, str) else tuple(axes)))
+  return tuple(rules)
+
+
 def make_mesh(axes: Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 for "the rest".
@@ -251,7 +281,7 @@ def global_batch(host_batch: Mapping[str, Any], mesh: Mesh | None = None,
 
 def row_multiple(mesh: Mesh, accum_steps: int = 1, rules: Rules = DEFAULT_RULES,
                  process_count: int | None = None) -> int:
-  """Rows per host that a packed batch must be a multiple of (rlhi/inputs.py
+  """Rows per host that a packed batch must be a multiple of (rlhi/inputs/batches.py
   `make_batches(packing=True)`): the global rows then split evenly over the devices
   of the batch axis and over `accum_steps` microbatches."""
   axes = nn.logical_to_mesh_axes(("batch",), [

@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from configs import eval as eval_config
+from rlhi.data import items as items_lib
 from rlhi.eval import browser
-from rlhi.eval import items as items_lib
 from rlhi.eval import usereval
 from rlhi.testing.openai_server import OpenAIServer
 

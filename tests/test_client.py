@@ -23,6 +23,7 @@ import pytest
 
 from rlhi.data import client as client_lib
 from rlhi.data.client import ChatRequest
+from rlhi.data.client import openai as openai_client
 from rlhi.testing.openai_server import OpenAIServer, last_user_message, marker_fault
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -268,12 +269,12 @@ def test_retry_after_is_capped_at_backoff_max():
 def test_retry_after_http_date_is_parsed():
   when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=20)
   header = email.utils.format_datetime(when, usegmt=True)
-  seconds = client_lib._parse_retry_after(header)  # pylint: disable=protected-access
+  seconds = openai_client._parse_retry_after(header)  # pylint: disable=protected-access
   assert 18.5 <= seconds <= 20.5
-  assert client_lib._parse_retry_after("7") == 7.0  # pylint: disable=protected-access
-  assert client_lib._parse_retry_after("soon") is None  # pylint: disable=protected-access
+  assert openai_client._parse_retry_after("7") == 7.0  # pylint: disable=protected-access
+  assert openai_client._parse_retry_after("soon") is None  # pylint: disable=protected-access
   past = email.utils.format_datetime(when - datetime.timedelta(hours=1), usegmt=True)
-  assert client_lib._parse_retry_after(past) == 0.0  # pylint: disable=protected-access
+  assert openai_client._parse_retry_after(past) == 0.0  # pylint: disable=protected-access
 
 
 @pytest.mark.usefixtures("api_key")
@@ -561,7 +562,7 @@ def test_reference_backend_lookup_and_unknown_key(tmp_path):
 
 def test_reference_backend_default_path_and_cache(tmp_path):
   assert client_lib.DEFAULT_REFERENCE_PATH == (
-      pathlib.Path(client_lib.__file__).resolve().parent / "samples" /
+      pathlib.Path(client_lib.__file__).resolve().parent.parent / "samples" /
       "reference_annotations.jsonl")
   path = tmp_path / "reference.jsonl"
   _write_annotations(path, [{"key": "a", "response": "first"}])

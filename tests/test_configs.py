@@ -6,7 +6,7 @@ from configs import common
 from configs import data_prep
 from configs import reward_model
 from configs import sft
-from rlhi.train import model_init
+from rlhi.models import builder
 
 
 def test_parse_arg_types_and_errors():
@@ -39,7 +39,7 @@ def test_config_files_build():
 
 
 def test_model_overrides():
-  assert model_init.parse_overrides("num_layers=2, dtype=bfloat16") == {
+  assert builder.parse_overrides("num_layers=2, dtype=bfloat16") == {
       "num_layers": 2, "dtype": "bfloat16"}
   with pytest.raises(ValueError, match="LlamaConfig field"):
-    model_init.parse_overrides("num_layer=2")
+    builder.parse_overrides("num_layer=2")

@@ -17,7 +17,7 @@ import pytest
 
 from rlhi import inputs
 from rlhi import sharding
-from rlhi.data import pipeline
+from rlhi.data import files
 from rlhi.data.schema import Message, PreferencePair
 from rlhi.models import llama
 from rlhi.models import tokenizer as tok_lib
@@ -41,7 +41,7 @@ def fmt():
 @pytest.fixture(scope="module")
 def sample_examples(fmt, data_dir):
   d = data_dir
-  examples, _ = inputs.pairs_source(os.path.join(d, pipeline.PAIRS.format(split="train")),
+  examples, _ = inputs.pairs_source(os.path.join(d, files.PAIRS.format(split="train")),
                                     fmt, with_persona=True, max_length=512,
                                     max_response_length=256)
   return d, [examples[i] for i in range(len(examples))]  # HF dataset -> list of dicts
@@ -125,7 +125,7 @@ def test_padding_does_not_change_the_loss(fmt, sample_examples, loss_type):
   policy, ref = _params(1), _params(2)
   loss_fn = objectives.dpo_loss(CONFIG, loss_type=loss_type, beta=0.1, chunk=64,
                                 live_reference=True)
-  value = jax.jit(lambda p, b, r: loss_fn(p, b, None, r)[0])
+  value = jax.jit(lambda p, b, r: loss_fn(p, b, None, r).loss.sum)
   right = _batch(examples, fmt, n=4, bucket=512)
   longer = _batch(examples, fmt, n=4, bucket=640)  # more pad tokens on the right
   left = _left_pad(right, 576)
@@ -174,8 +174,9 @@ def test_policy_equal_to_reference_gives_log2_and_ipo_closed_form(fmt, sample_ex
   for loss_type, want in (("sigmoid", LOG2), ("ipo", (1 / (2 * beta)) ** 2)):
     loss_fn = objectives.dpo_loss(CONFIG, loss_type=loss_type, beta=beta,
                                   live_reference=True)
-    (num, (den, metrics)), grads = jax.jit(jax.value_and_grad(
-        lambda p, f=loss_fn: f(p, batch, None, params), has_aux=True))(params)
+    out, grads = jax.jit(step_lib.value_and_grad(
+        lambda p, f=loss_fn: f(p, batch, None, params)))(params)
+    num, den, metrics = out.loss.sum, out.loss.count, out.metrics
     # The closed form is the float64 value of the same quantity; the tolerance is what
     # float32 rounding of the summed log-probs can add, plus rounding of the loss itself.
     tol = (_loss_rounding_bound(loss_type, beta, logps, lengths)
@@ -187,7 +188,7 @@ def test_policy_equal_to_reference_gives_log2_and_ipo_closed_form(fmt, sample_ex
     # most the same ulps as above.
     ulp = 2 * np.spacing(np.abs(np.asarray(logps, np.float32))).astype(np.float64)
     margin_tol = beta * 2 * float(ulp.sum())
-    assert abs(float(metrics["rewards/margins"][0])) <= margin_tol
+    assert abs(float(metrics["rewards/margins"].sum)) <= margin_tol
     # A reference that differs by one token's log-prob moves the loss far past `tol`:
     # the bound leaves the test able to fail.
     assert tol < 1e-2 * beta
@@ -204,14 +205,13 @@ def test_cached_reference_equals_live(fmt, sample_examples):
   cached_fn = objectives.dpo_loss(CONFIG, loss_type="sigmoid", rpo_alpha=0.5)
   live_fn = objectives.dpo_loss(CONFIG, loss_type="sigmoid", rpo_alpha=0.5,
                                 live_reference=True)
-  grad = lambda f, *a: jax.jit(jax.value_and_grad(f, has_aux=True))(*a)
-  (c_num, (_, c_m)), c_g = grad(lambda p: cached_fn(p, _with_ref(batch, chosen,
-                                                                 rejected), None), policy)
-  (l_num, (_, l_m)), l_g = grad(lambda p: live_fn(p, batch, None, ref), policy)
-  np.testing.assert_allclose(float(c_num), float(l_num), rtol=1e-5)
-  for k in c_m:
-    np.testing.assert_allclose(float(c_m[k][0]), float(l_m[k][0]), rtol=1e-4, atol=1e-5,
-                               err_msg=k)
+  grad = lambda f, *a: jax.jit(step_lib.value_and_grad(f))(*a)
+  c, c_g = grad(lambda p: cached_fn(p, _with_ref(batch, chosen, rejected), None), policy)
+  l, l_g = grad(lambda p: live_fn(p, batch, None, ref), policy)
+  np.testing.assert_allclose(float(c.loss.sum), float(l.loss.sum), rtol=1e-5)
+  for k in c.metrics:
+    np.testing.assert_allclose(float(c.metrics[k].sum), float(l.metrics[k].sum),
+                               rtol=1e-4, atol=1e-5, err_msg=k)
   # The two reference computations run on different meshes (different reduction
   # orders), so the gradients agree to float32 rounding of the log-probs.
   _assert_close_trees(c_g, l_g, rtol=1e-3, atol=2e-5)
@@ -330,7 +330,7 @@ def test_dpo_learns_a_systematic_preference(fmt):
   def evaluate(p):
     b = inputs.pad_batch(held_out, batch_size=16, pad_id=fmt.pad_id, bucket_lengths=(64,))
     m = jax.device_get(eval_step(p, b, jax.random.PRNGKey(0)))
-    return {k: float(s) / float(c) for k, (s, c) in m.items()}
+    return {k: float(v.sum) / float(v.count) for k, v in m.items()}
 
   before = evaluate(state.params)
   batches = inputs.make_batches(train, per_host_batch_size=16, pad_id=fmt.pad_id,

@@ -21,9 +21,9 @@ import pytest
 
 from configs import eval as eval_config
 from rlhi import sharding
+from rlhi.data import items as items_lib
 from rlhi.data import pipeline
 from rlhi.data import schema
-from rlhi.eval import items as items_lib
 from rlhi.eval import judges
 from rlhi.eval import report as report_lib
 from rlhi.eval import reward_eval
@@ -394,14 +394,15 @@ def test_answers_a_system_cannot_give_are_counted_and_left_out(data_dir, checkpo
 
 def test_eval_config_variants():
   cfg = eval_config.get_config("judge=reward_model,a=checkpoint,ckpt=/c,rm=/r")
-  assert (cfg.systems.a.kind, cfg.systems.a.path, cfg.systems.a.persona) == (
+  assert (cfg.systems.a.kind, cfg.systems.a.path, cfg.systems.a.with_persona) == (
       "checkpoint", "/c", False)
-  assert (cfg.systems.b.kind, cfg.systems.b.path, cfg.systems.b.persona) == (
+  assert (cfg.systems.b.kind, cfg.systems.b.path, cfg.systems.b.with_persona) == (
       "checkpoint", "/c", True)
   assert cfg.judge.reward_model.path == cfg.reward_eval.path == "/r"
   assert cfg.reward_eval.enabled and cfg.usereval_enabled
   ablation = eval_config.get_config("no_persona,ckpt=/c")
-  assert not ablation.systems.b.persona and not ablation.judge.reward_model.persona
+  assert not ablation.systems.b.with_persona
+  assert not ablation.judge.reward_model.with_persona
   assert not eval_config.get_config("rm_only,rm=/r").usereval_enabled
   with pytest.raises(ValueError, match="expected llm or reward_model"):
     eval_config.get_config("judge=gpt")
@@ -528,7 +529,7 @@ def test_evaluate_cli_end_to_end(data_dir, checkpoint, reward_model, tmp_path):
   report = json.loads((workdir / "usereval.json").read_text())
   assert report["systems"]["a"]["kind"] == "original"
   assert report["systems"]["b"]["kind"] == "checkpoint"
-  assert report["systems"]["b"]["persona"] is True
+  assert report["systems"]["b"]["with_persona"] is True
   assert report["generation"]["systems"]["b"]["answered"] == 7
   rates = report["win_rates"]
   for d in stats.DIMENSIONS:

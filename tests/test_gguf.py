@@ -25,12 +25,13 @@ gguf = pytest.importorskip(
 
 from rlhi import sampling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rlhi.models import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi.models import gguf_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi.models import hf_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi.models import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi.models import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 from rlhi.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from rlhi.train import model_init  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rlhi.models.families import gguf_llama  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _forward_logits = jax.jit(llama.forward_logits, static_argnums=1)
 
@@ -254,8 +255,8 @@ def test_local_backend_and_model_init_accept_a_gguf_path(tiny):
   cfg = ml_collections.ConfigDict(dict(
       tokenizer="", model=dict(init=path, name="tiny", remat_policy="none",
                                scan_layers=True, overrides="")))
-  assert model_init.model_config(cfg.model) == gguf_io.load_config(path)
-  assert model_init.tokenizer_name(cfg) == path
+  assert builder.model_config(cfg.model) == gguf_io.load_config(path)
+  assert builder.tokenizer_name(cfg) == path
   # The `local` inference backend replies what a NumPy greedy decode of the prompt says.
   tok = tok_lib.load_tokenizer(path)
   fmt = tok_lib.ChatFormatter(tok)
@@ -308,7 +309,7 @@ def test_usereval_systems_take_a_registered_name(monkeypatch, tmp_path):
   fake.write_bytes(b"GGUF")
   monkeypatch.setattr(sources, "named_file", lambda name: str(fake))
   system = systems.System.from_config("a", {"kind": "checkpoint", "path": "smollm2",
-                                            "persona": True})
+                                            "with_persona": True})
   assert system.label == "smollm2 + persona"
   where, stamp = sources.weights_stamp("smollm2")
   assert where == str(fake) and [s[:2] for s in stamp] == [("SmolLM2.gguf", 4)]
@@ -361,7 +362,7 @@ def test_unsupported_gguf_files_name_the_key_or_tensor(tiny, tmp_path):
 
 def test_unpermute_inverts_llamacpp_permute():
   w = np.arange(3 * 16 * 5).reshape(3 * 16, 5)
-  np.testing.assert_array_equal(gguf_io.unpermute_rope_rows(_llamacpp_permute(w, 3), 3),
+  np.testing.assert_array_equal(gguf_llama.unpermute_rope_rows(_llamacpp_permute(w, 3), 3),
                                 w)
 
 
@@ -546,3 +547,25 @@ def test_smollm2_export_loads_in_transformers(smollm2, hf_smollm2, tmp_path):
   config2, params2 = sources.load_checkpoint(str(tmp_path))
   assert dataclasses.replace(config2, init_std=config.init_std) == config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_chat_keeps_history_drops_the_oldest_exchange_and_resets(tiny):
+  """generate.Chat (experiments/chat.py): each reply is the generator's reply to the
+  whole history; an exchange that no longer fits the context is dropped first."""
+  from rlhi import generate  # pylint: disable=g-import-not-at-top
+  path, _ = tiny
+  gen = generate.ChatGenerator(path, batch_size=1)
+  chat = generate.Chat(gen, max_new_tokens=4)
+  first = chat.say("the weather in winter")
+  assert first.text == gen.generate(
+      [[{"role": "user", "content": "the weather in winter"}]], max_new_tokens=4)[0].text
+  second = chat.say("and in summer")
+  assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
+  assert second.text == gen.generate([chat.history[:3]], max_new_tokens=4)[0].text
+  # A reply budget that leaves room for one exchange only: the first one goes.
+  one = len(gen.fmt.encode(chat.history[2:3]).prompt_ids)
+  chat.max_new_tokens = gen.config.max_position_embeddings - one
+  chat.say("and in spring")
+  assert chat.history[0]["content"] == "and in spring"
+  chat.reset()
+  assert chat.history == []

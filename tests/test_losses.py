@@ -334,17 +334,19 @@ def test_bad_options_raise(kw):
     _run(_inputs(0), **kw)
 
 
-def test_validation_at_trace_time():
-  """rlhi/train/objectives.py checks options with jax.eval_shape; errors surface."""
-  one = jnp.ones(1)
-  shape = jax.eval_shape(lambda: losses.dpo_loss(
-      one, one, one, one, chosen_length=one, rejected_length=one,
-      loss_type=("sigmoid", "sft")))
-  assert shape.losses.shape == (1,)
+def test_options_are_checked_directly_and_errors_name_the_field():
+  """check_dpo_options runs without tracing (rlhi/train/objectives.py and
+  rlhi/train/dpo.py call it where the options are built)."""
+  o = losses.check_dpo_options(("sigmoid", "sft"))
+  assert o.loss_types == ("sigmoid", "sft") and o.loss_weights == (1.0, 1.0)
   with pytest.raises(ValueError, match="label_smoothing"):
-    jax.eval_shape(lambda: losses.dpo_loss(
-        one, one, one, one, chosen_length=one, rejected_length=one,
-        label_smoothing=0.5))
+    losses.check_dpo_options("sigmoid", label_smoothing=0.5)
+  fields = {"loss_type": "config.loss.type", "beta": "config.loss.beta"}
+  with pytest.raises(ValueError, match=r"config\.loss\.beta must be > 0, got 0"):
+    losses.check_dpo_options("sigmoid", beta=0.0, fields=fields)
+  with pytest.raises(ValueError,
+                     match=r"\['dpo'\] in config\.loss\.type; known: sigmoid, ipo,"):
+    losses.check_dpo_options(("sigmoid", "dpo"), fields=fields)
 
 
 def test_bradley_terry_unchanged():

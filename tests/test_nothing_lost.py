@@ -19,6 +19,7 @@ from configs import eval as eval_config
 from rlhi import cli
 from rlhi import fileio
 from rlhi import workdir_lock
+from rlhi.data import files
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.eval import usereval
@@ -71,7 +72,7 @@ def test_a_second_run_on_a_busy_workdir_stops_naming_the_holder(tmp_path):
   # The kernel released the dead holder's lock: the next run needs no clean-up.
   done = _prepare_data(workdir)
   assert done.returncode == 0, done.stderr[-2000:]
-  assert (workdir / pipeline.CONVERSATIONS).exists()
+  assert (workdir / files.CONVERSATIONS).exists()
 
 
 def test_the_lock_is_reentrant_in_one_process_and_excludes_another(tmp_path):
@@ -224,8 +225,8 @@ def test_explain_override(argv, want):
 
 def test_a_missing_data_dir_names_the_command_that_makes_it(tmp_path):
   missing = str(tmp_path / "no_data")
-  with pytest.raises(pipeline.MissingInputError) as e:
-    pipeline.input_path(missing, pipeline.PAIRS.format(split="train"))
+  with pytest.raises(files.MissingInputError) as e:
+    files.input_path(missing, files.PAIRS.format(split="train"))
   assert str(e.value).startswith(
       f"{missing}/pairs_rewrites.train.jsonl not found: make it with `python -m "
       f"experiments.prepare_data --config configs/data_prep.py:sample --workdir "

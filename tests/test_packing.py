@@ -1,4 +1,4 @@
-"""Packed batches (rlhi/inputs.py `pack`): several examples per row, a pair's prompt
+"""Packed batches (rlhi/inputs/batches.py `pack`): several examples per row, a pair's prompt
 shared by its two responses. The layout is checked by hand; every number a packed batch
 gives (log-probs, reward scores, the SFT / RM / DPO losses and their gradients, train
 steps with accumulation on 8 devices, the reference pass) against the unpacked path,
@@ -204,15 +204,16 @@ def test_packed_logps_scores_and_losses_equal_unpacked():
       ("dpo live", objectives.dpo_loss(CONFIG, live_reference=True, chunk=32), params),
       ("reward", objectives.reward_loss(CONFIG, margin=0.1, center_coef=0.01), rm)]:
     extra = (ref,) if "live" in name else ()
-    f = jax.jit(jax.value_and_grad(
-        lambda q, b, f=loss_fn, e=extra: f(q, b, None, *e), has_aux=True))
-    (num_p, (den_p, m_p)), g_p = f(p, packed)
-    (num_u, (den_u, m_u)), g_u = f(p, plain)
-    assert float(den_p) == float(den_u) == 12, name
-    np.testing.assert_allclose(float(num_p), float(num_u), rtol=1e-5, err_msg=name)
-    for k in m_u:
-      np.testing.assert_allclose(float(m_p[k][0]), float(m_u[k][0]), rtol=1e-4,
-                                 atol=1e-4, err_msg=f"{name} {k}")
+    f = jax.jit(step_lib.value_and_grad(
+        lambda q, b, f=loss_fn, e=extra: f(q, b, None, *e)))
+    out_p, g_p = f(p, packed)
+    out_u, g_u = f(p, plain)
+    assert float(out_p.loss.count) == float(out_u.loss.count) == 12, name
+    np.testing.assert_allclose(float(out_p.loss.sum), float(out_u.loss.sum), rtol=1e-5,
+                               err_msg=name)
+    for k in out_u.metrics:
+      np.testing.assert_allclose(float(out_p.metrics[k].sum), float(out_u.metrics[k].sum),
+                                 rtol=1e-4, atol=1e-4, err_msg=f"{name} {k}")
     for x, y in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_u)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5,
                                  err_msg=name)
@@ -229,11 +230,11 @@ def test_packed_sft_equals_unpacked():
   packed = inputs.pack_batch(examples, pad_id=0, bucket_lengths=BUCKETS)
   assert packed["tokens"].shape == (2, 128)
   loss_fn = objectives.sft_loss(CONFIG, chunk=32)
-  f = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None), has_aux=True))
-  (num_p, (den_p, _)), g_p = f(_params(), packed)
-  (num_u, (den_u, _)), g_u = f(_params(), plain)
-  assert float(den_p) == float(den_u)
-  np.testing.assert_allclose(float(num_p), float(num_u), rtol=1e-5)
+  f = jax.jit(step_lib.value_and_grad(lambda p, b: loss_fn(p, b, None)))
+  out_p, g_p = f(_params(), packed)
+  out_u, g_u = f(_params(), plain)
+  assert float(out_p.loss.count) == float(out_u.loss.count)
+  np.testing.assert_allclose(float(out_p.loss.sum), float(out_u.loss.sum), rtol=1e-5)
   for x, y in zip(jax.tree.leaves(g_p), jax.tree.leaves(g_u)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 

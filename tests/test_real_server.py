@@ -28,11 +28,12 @@ from configs import data_prep
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
+from rlhi.data import files
+from rlhi.data import items as items_lib
 from rlhi.data import pipeline
 from rlhi.data import prompting
 from rlhi.data import rewrites
 from rlhi.data import schema
-from rlhi.eval import items as items_lib
 from rlhi.eval import judges
 from rlhi.models import sources
 from rlhi.models import tokenizer as tok_lib
@@ -135,13 +136,13 @@ def test_stages_and_the_judge_through_transformers_serve(server, sample):
   cfg = client_lib.default_config()
   cfg.base_url, cfg.model, cfg.structured_output = base_url, model_dir, "none"
   cfg.concurrency, cfg.timeout_s, cfg.max_retries = 2, 300.0, 1
-  conversations = schema.read_jsonl(os.path.join(sample, pipeline.CONVERSATIONS),
+  conversations = schema.read_jsonl(os.path.join(sample, files.CONVERSATIONS),
                                     schema.Conversation)
-  users = schema.read_jsonl(os.path.join(sample, pipeline.USERS), schema.User)
-  follow_ups = schema.read_jsonl(os.path.join(sample, pipeline.FOLLOW_UPS),
+  users = schema.read_jsonl(os.path.join(sample, files.USERS), schema.User)
+  follow_ups = schema.read_jsonl(os.path.join(sample, files.FOLLOW_UPS),
                                  schema.FollowUp)
   personas = {p.user_id: p for p in schema.read_jsonl(
-      os.path.join(sample, pipeline.PERSONAS), schema.Persona)}
+      os.path.join(sample, files.PERSONAS), schema.Persona)}
   ccfg = classify.ClassifyConfig.from_config(dict(
       data_prep.get_config().classify.to_dict(), max_tokens=96))
   pcfg = persona.PersonaConfig.from_config(dict(
@@ -161,9 +162,8 @@ def test_stages_and_the_judge_through_transformers_serve(server, sample):
     cards, persona_failed = persona.infer_personas(client, [user], conversations, pcfg)
     pairs, rewrite_failed = rewrites.make_pairs(client, [target], conversations,
                                                 personas, rcfg)
-    judged = judges.judge_llm(client, [judges.Pair(item, item.original or "",
-                                                   "I cannot help with that.")],
-                              max_tokens=64)
+    judged = judges.LLMJudge(client, max_tokens=64).judge(
+        [judges.Pair(item, item.original or "", "I cannot help with that.")])
     stats = client.inner.stats()
 
   # Every request came back from the real server (a 135M model may still answer badly).

@@ -31,8 +31,10 @@ import safetensors.numpy
 
 from configs import data_prep
 from rlhi import fileio
+from rlhi import reports
 from rlhi import sharding
 from rlhi import workdir_lock
+from rlhi.data import files
 from rlhi.data import pipeline
 from rlhi.data import schema
 from rlhi.models import hf_io
@@ -166,7 +168,7 @@ def test_jsonl_round_trip_and_errors_name_file_and_line(gcs):
 
 
 def test_write_report(gcs):
-  pipeline.write_report("gs://b/run", "eval", {"accuracy": 0.5, "név": "✓"},
+  reports.write_report("gs://b/run", "eval", {"accuracy": 0.5, "név": "✓"},
                         "# Eval\n")
   with fileio.open("gs://b/run/eval_report.json") as f:
     assert f.read() == '{\n  "accuracy": 0.5,\n  "név": "✓"\n}\n'
@@ -181,22 +183,22 @@ def test_data_stages_on_gcs_equal_a_local_run(gcs, tmp_path):
     pipeline.run_stage(stage, cfg, "gs://b/data")
   local_files = sorted(
       os.path.relpath(os.path.join(root, f), local)
-      for root, _, files in os.walk(local) for f in files
-      if not f.startswith(pipeline.LLM_CACHE) and f != workdir_lock.LOCK_FILE)
-  remote_files = [f for f in _remote_files(gcs, "/b/data/") if f != pipeline.LLM_CACHE]
+      for root, _, names in os.walk(local) for f in names
+      if not f.startswith(files.LLM_CACHE) and f != workdir_lock.LOCK_FILE)
+  remote_files = [f for f in _remote_files(gcs, "/b/data/") if f != files.LLM_CACHE]
   assert remote_files == local_files  # the remote lock object is gone after the run
   for name in local_files:
     if name.endswith((".json", ".jsonl", ".md")):
       with open(os.path.join(local, name), "rb") as f:
         assert gcs["/b/data/" + name].getvalue() == f.read(), name
   import datasets  # pylint: disable=g-import-not-at-top
-  dd = datasets.load_from_disk("gs://b/data/" + pipeline.PAIRS_HF)
+  dd = datasets.load_from_disk("gs://b/data/" + files.PAIRS_HF)
   assert dd["train"].num_rows == len(schema.read_jsonl(
       "gs://b/data/pairs_rewrites.train.jsonl", schema.PreferencePair)) > 0
 
   # The request cache went up to the bucket: from there alone (a new machine, no
   # local copy), a re-run asks for nothing.
-  assert "/b/data/" + pipeline.LLM_CACHE in gcs
+  assert "/b/data/" + files.LLM_CACHE in gcs
   cache_dir = os.path.dirname(pipeline.local_llm_cache("gs://b/data"))
   assert cache_dir.startswith(str(tmp_path / "local_cache"))
   for name in os.listdir(cache_dir):
@@ -288,7 +290,7 @@ def test_remote_safetensors_slices_equal_safe_open(gcs, tmp_path):
              (slice(5, 5),), (2,), (-1, slice(1, 3)), (slice(None),), ...]
   with contextlib.ExitStack() as stack:
     # pylint: disable-next=protected-access
-    remote = hf_io._open_safetensors("gs://b/t.safetensors", stack)
+    remote = fileio.open_safetensors("gs://b/t.safetensors", stack)
     ref = stack.enter_context(safetensors.safe_open(local, framework="numpy"))
     assert sorted(remote.keys()) == sorted(ref.keys())
     for name in ("m", "b", "v"):
@@ -410,7 +412,7 @@ def test_usereval_on_gcs(gcs, tmp_path):
   # pylint: disable=g-import-not-at-top
   import json
   from configs import eval as eval_config
-  from rlhi.eval import items as items_lib
+  from rlhi.data import items as items_lib
   from rlhi.eval import report as report_lib
   from rlhi.eval import usereval
   from rlhi.testing.openai_server import OpenAIServer
@@ -475,7 +477,7 @@ def test_usereval_on_gcs(gcs, tmp_path):
 def test_generated_answers_are_appended_to_a_gcs_file(gcs):
   # pylint: disable=g-import-not-at-top
   import types
-  from rlhi.eval import items as items_lib
+  from rlhi.data import items as items_lib
   from rlhi.eval import systems
   # pylint: enable=g-import-not-at-top
 

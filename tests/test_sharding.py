@@ -132,3 +132,36 @@ def test_sharded_sampling_equals_unsharded(params, inputs, axes):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
   np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+
+
+def test_sharding_rules_from_the_config(tmp_path):
+  """config.sharding_rules: () keeps the defaults; a MaxText-style override given on the
+  command line reaches the trained state's layout; a bad mesh axis names the rule."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from rlhi.train import loop  # pylint: disable=g-import-not-at-top
+  from tests import test_train_core  # pylint: disable=g-import-not-at-top
+
+  assert sharding.rules_from_config(()) is sharding.DEFAULT_RULES
+  argv = ["x", "--config=configs/sft.py:tiny",
+          "--config.sharding_rules=(('batch', ['data', 'fsdp']), ('embed', None))"]
+  values = absl_flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values,
+                                           sys_argv=argv)
+  values(argv)
+  rules = sharding.rules_from_config(holder.value.sharding_rules)
+  assert rules == (("batch", ("data", "fsdp")), ("embed", None))
+  with pytest.raises(ValueError, match=r"config.sharding_rules\[1\].*'model'"):
+    sharding.rules_from_config((("batch", "data"), ("embed", "model")))
+
+  # The toy task's one parameter has logical axis `embed`: sharded over fsdp by the
+  # defaults, replicated under a config that maps `embed` to nothing.
+  layouts = {}
+  for name, value in (("default", ()), ("replicated", (("embed", None),))):
+    cfg = test_train_core.toy_config(total_steps=2)
+    cfg.mesh = dict(data=4, fsdp=2, tensor=1)  # fsdp divides w's 2 entries
+    cfg.sharding_rules = value
+    result = loop.train(cfg, str(tmp_path / name), test_train_core.toy_task())
+    layouts[name] = result.state.params["w"].sharding.spec
+  assert layouts["default"] == jax.sharding.PartitionSpec("fsdp")
+  assert layouts["replicated"] == jax.sharding.PartitionSpec(None)

@@ -21,8 +21,9 @@ def _loss(params, batch, rng):
   pred = batch["x"] @ params["w"] + params["b"]  # [B, T]
   err = (pred - batch["y"]) ** 2 * batch["mask"]
   n = batch["mask"].sum()
-  return err.sum(), (n, {"abs_err": ((jnp.abs(pred - batch["y"]) * batch["mask"]).sum(),
-                                     n)})
+  abs_err = (jnp.abs(pred - batch["y"]) * batch["mask"]).sum()
+  return step_lib.LossOutput(loss=step_lib.Metric(err.sum(), n),
+                             metrics={"abs_err": step_lib.Metric(abs_err, n)})
 
 
 def _data(seed=0, b=8, t=5, d=3):
@@ -139,7 +140,9 @@ def _toy_loss(params, batch, rng):
   del rng
   x = batch["tokens"].astype(jnp.float32) / 100.0
   n = batch["loss_mask"].sum()
-  return ((x * params["w"][0] - 1.0) ** 2 * batch["loss_mask"]).sum(), (n, {})
+  return step_lib.LossOutput(
+      loss=step_lib.Metric(((x * params["w"][0] - 1.0) ** 2 * batch["loss_mask"]).sum(),
+                           n), metrics={})
 
 
 def toy_task(loss_fn=_toy_loss):
@@ -172,8 +175,8 @@ def test_loop_stops_on_a_non_finite_step_and_saves_nothing_after_it(tmp_path):
   def loss_fn(params, batch, rng):
     # Adam moves w by ~lr per step: the 4th step's loss is NaN.
     poison = jnp.where(jnp.abs(params["w"][0] - 0.5) > 0.12, jnp.nan, 0.0)
-    loss, aux = _toy_loss(params, batch, rng)
-    return loss + poison, aux
+    out = _toy_loss(params, batch, rng)
+    return out._replace(loss=out.loss._replace(sum=out.loss.sum + poison))
 
   with pytest.raises(loop.NonFiniteError, match="non-finite loss"):
     loop.train(toy_config(), str(tmp_path), toy_task(loss_fn))

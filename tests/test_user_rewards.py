@@ -17,15 +17,15 @@ import pytest
 import safetensors.numpy
 
 from configs import dpo as dpo_config
-from rlhi.data import pipeline
+from rlhi.data import files
 from rlhi.data import schema
+from rlhi.models import builder
 from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import reward
 from rlhi.models import reward_io
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import checkpoint as ckpt_lib
-from rlhi.train import model_init
 from rlhi.train import user_rewards
 
 import test_training as tt
@@ -35,7 +35,7 @@ import test_training as tt
 def setup(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("ubr")
   data = data_dir
-  config = llama.get_config("tiny", **model_init.parse_overrides(tt.SMALL))
+  config = llama.get_config("tiny", **builder.parse_overrides(tt.SMALL))
   tok = tok_lib.load_tokenizer("bundled")
   policy = str(root / "policy")
   hf_io.save_checkpoint(llama.init_params(config, jax.random.PRNGKey(0)), config, policy)
@@ -94,7 +94,7 @@ def test_one_round_makes_margin_pairs_and_changes_the_policy(setup, tmp_path):
         r["scores"])
     assert p.chosen == r["candidates"][r["scores"].index(max(r["scores"]))]
     assert p.user_id in {u.user_id for u in schema.read_jsonl(
-        os.path.join(data, pipeline.USERS), schema.User) if u.split == "train"}
+        os.path.join(data, files.USERS), schema.User) if u.split == "train"}
   before, after = _hf_params(policy), _hf_params(stats["policy_after"])
   assert any(not np.array_equal(before[k], after[k]) for k in before)
   assert os.path.exists(os.path.join(work, "user_rewards_report.md"))

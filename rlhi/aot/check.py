@@ -16,7 +16,9 @@ from the compiled HLO (rlhi/aot/hlo.py); the step time is a roofline estimate
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -375,3 +377,91 @@ def format_search(candidates: Sequence[Candidate], step: str) -> str:
         f"{c.label()} ({c.result.error or _gib(c.result.used) + ' GiB'})"
         for c in misses) + "."]
   return "\n".join(lines)
+
+
+# ---- The whole check (experiments/compile.py) --------------------------------------
+
+
+class SettingsError(ValueError):
+  """The slice or the steps asked for cannot be compiled; the message says why."""
+
+
+def parse_meshes(text: str) -> list[dict[str, int]]:
+  """'fsdp=64;fsdp=16,tensor=4' -> [{'fsdp': 64}, {'fsdp': 16, 'tensor': 4}]."""
+  meshes = []
+  for spec in filter(None, (m.strip() for m in text.split(";"))):
+    try:
+      meshes.append({k.strip(): int(v) for k, v in
+                     (kv.split("=") for kv in spec.split(","))})
+    except ValueError as e:
+      raise ValueError(f"--search_meshes: {spec!r}; expected axis=size pairs such as "
+                       f"'fsdp=16,tensor=4'") from e
+  return meshes
+
+
+def run(cfg, topology_name: str, steps: Sequence[str] = (), *, search_settings: bool =
+        False, search_meshes: str = "", search_remat: Sequence[str] = ("full",),
+        max_accum: int = 64, json_path: str = "", hlo_dir: str = "",
+        log: Callable[[str], None] = print) -> bool:
+  """Compiles `steps` (default: the config's) of the experiment `cfg` for the slice
+  `topology_name`, or with `search_settings` searches meshes, remat policies and
+  accumulation for each; logs the tables, writes `json_path` / `hlo_dir` when given.
+  True when every step fits (with `search_settings`: some setting of every step).
+  A bad topology or step name, or no libtpu, raises SettingsError."""
+  try:
+    s = topology.parse(topology_name)
+    steps = tuple(steps) or programs.default_steps(cfg)
+    unknown = [step for step in steps if step not in programs.STEPS]
+    if unknown:
+      raise ValueError(f"--steps: unknown {unknown}; known: "
+                       f"{', '.join(programs.STEPS)}")
+    devices = topology.devices(s)
+  except (ValueError, RuntimeError) as e:
+    raise SettingsError(str(e)) from e
+  log(f"Compiling {', '.join(steps)} ({programs.experiment_kind(cfg)} config, model "
+      f"{cfg.model.init or cfg.model.name}) for {s.accelerator} ({s.topology}); the "
+      f"TPU compiler runs on this host's CPU.")
+
+  def write_hlo(name: str, text: str) -> None:
+    if hlo_dir and text:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, hlo_file_name(name)), "w") as f:
+        f.write(text)
+
+  def write_json(data: Any) -> None:
+    if json_path:
+      with open(json_path, "w") as f:
+        json.dump(data, f, indent=1)
+
+  if search_settings:
+    config, _ = programs.model_configs(cfg)
+    meshes = (parse_meshes(search_meshes) or
+              default_meshes(s.chips, dict(cfg.mesh), config.num_kv_heads))
+    ok, found = True, {}
+    for step in steps:
+      log(f"\n{step}:")
+      candidates = search(cfg, step, s, devices, meshes=meshes, remats=search_remat,
+                          max_accum=max_accum, log=log)
+      log("\n" + format_search(candidates, step))
+      found[step] = candidates
+      for c in candidates:
+        if c.result.fits:
+          write_hlo(f"{step} {c.label()}", c.result.hlo_text)
+      ok &= any(c.result.fits for c in candidates)
+    write_json({step: [dict(setting=c.label(), **results_json([c.result])[0])
+                       for c in cands] for step, cands in found.items()})
+    return ok
+
+  mesh = sharding.make_mesh(dict(cfg.mesh), devices=devices)
+  results = []
+  for program in programs.build(cfg, mesh, steps):
+    log(f"  {program.name}: {program.description} ...")
+    results.append(compile_program(program, s))
+    write_hlo(program.name, results[-1].hlo_text)
+  log("\n" + format_results(results, s))
+  write_json(results_json(results))
+  failed = [r.name for r in results if not r.fits]
+  if failed:
+    log(f"\nDoes not fit or does not compile on {s.accelerator}: {', '.join(failed)}. "
+        f"Try --search, more chips, or config.accum_steps / model.remat_policy / mesh.")
+  return not failed

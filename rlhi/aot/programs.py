@@ -41,11 +41,11 @@ import numpy as np
 from rlhi import inputs
 from rlhi import sampling
 from rlhi import sharding
+from rlhi.models import builder
 from rlhi.models import llama
 from rlhi.models import reward
 from rlhi.train import dpo
 from rlhi.train import loop
-from rlhi.train import model_init
 from rlhi.train import objectives
 from rlhi.train import reference
 
@@ -106,8 +106,8 @@ def model_configs(cfg) -> tuple[llama.LlamaConfig, llama.LlamaConfig]:
   """(policy, reference) LlamaConfigs as the trainers build them, with the TPU's
   layout: `flatten_dense` follows the default backend, which is this host's CPU when
   compiling for a TPU topology."""
-  policy = model_init.model_config(cfg.model)
-  ref = (model_init.model_config(dpo.reference_model_cfg(cfg))
+  policy = builder.model_config(cfg.model)
+  ref = (builder.model_config(dpo.reference_model_cfg(cfg))
          if "reference" in cfg else policy)
   fix = lambda c: dataclasses.replace(c, flatten_dense=False)
   return fix(policy), fix(ref)
@@ -347,9 +347,12 @@ def _decode_state(state, mesh, rules):
 
 
 def build(cfg, mesh: jax.sharding.Mesh, steps: tuple[str, ...] | None = None,
-          rules: sharding.Rules = sharding.DEFAULT_RULES) -> list[Program]:
-  """The programs `steps` (default: `default_steps(cfg)`) of the experiment `cfg`."""
+          rules: sharding.Rules | None = None) -> list[Program]:
+  """The programs `steps` (default: `default_steps(cfg)`) of the experiment `cfg`,
+  sharded by `rules` (default: the config's `sharding_rules`, as training uses)."""
   steps = tuple(steps or default_steps(cfg))
+  if rules is None:
+    rules = sharding.rules_from_config(cfg.get("sharding_rules", ()))
   unknown = [s for s in steps if s not in STEPS]
   if unknown:
     raise ValueError(f"--steps: unknown {unknown}; known: {', '.join(STEPS)}")

@@ -6,7 +6,7 @@
     rewrites  actionable target follow-ups -> pairs_rewrites.<split>.jsonl and an HF
               DatasetDict in TRL's conversational format (pairs_rewrites_hf/)
 
-The LLM stages ask the inference client of `config.client` (rlhi/data/client.py) through
+The LLM stages ask the inference client of `config.client` (rlhi/data/client/) through
 a request cache in `<workdir>/llm_cache.sqlite`: a re-run, or a run resumed after a
 crash, sends no request that already succeeded, so resuming is re-running.
 
@@ -36,38 +36,16 @@ from typing import Any, Mapping
 import tqdm
 
 from rlhi import fileio
+from rlhi import reports
 from rlhi import workdir_lock
 from rlhi.data import classify
 from rlhi.data import client as client_lib
+from rlhi.data import files
 from rlhi.data import persona
 from rlhi.data import prompting
 from rlhi.data import rewrites
 from rlhi.data import schema
 from rlhi.data import wildchat
-
-CONVERSATIONS = "conversations.jsonl"
-USERS = "users.jsonl"
-SPLITS = "splits.json"
-FOLLOW_UPS = "follow_ups.jsonl"
-PERSONAS = "personas.jsonl"
-PAIRS = "pairs_rewrites.{split}.jsonl"
-PAIRS_HF = "pairs_rewrites_hf"
-LLM_CACHE = "llm_cache.sqlite"
-
-
-def write_json(path: str, data: Any) -> None:
-  """Writes `data` as canonical JSON, atomically; `path` may be local or gs://...."""
-  with fileio.atomic_write(path, "w", newline="\n") as f:
-    json.dump(data, f, ensure_ascii=False, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def write_report(workdir: str, stage: str, report: Mapping[str, Any], markdown: str
-                 ) -> None:
-  write_json(os.path.join(workdir, f"{stage}_report.json"), report)
-  with fileio.open(os.path.join(workdir, f"{stage}_report.md"), "w") as f:
-    f.write(markdown)
-
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -98,10 +76,11 @@ def run_ingest(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     rows = tqdm.tqdm(rows, desc="ingest", unit=" rows", mininterval=0.5)
   result = wildchat.ingest(rows, icfg)
 
-  schema.write_jsonl(os.path.join(workdir, CONVERSATIONS), result.conversations)
-  schema.write_jsonl(os.path.join(workdir, USERS), result.users)
-  schema.write_jsonl(os.path.join(workdir, "ingest_rejects.jsonl"), result.rejects)
-  write_json(os.path.join(workdir, SPLITS), {
+  schema.write_jsonl(os.path.join(workdir, files.CONVERSATIONS), result.conversations)
+  schema.write_jsonl(os.path.join(workdir, files.USERS), result.users)
+  schema.write_jsonl(os.path.join(workdir, files.REJECTS.format(stage="ingest")),
+                     result.rejects)
+  reports.write_json(os.path.join(workdir, files.SPLITS), {
       "salt": icfg.split_salt,
       "fractions": dict(icfg.split_fractions),
       "user_key": list(icfg.user_key),
@@ -109,7 +88,7 @@ def run_ingest(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
                 for s in schema.SPLITS},
   })
   report = {"source": source, **result.counts}
-  write_report(workdir, "ingest", report, ingest_markdown(report))
+  reports.write_report(workdir, "ingest", report, ingest_markdown(report))
   return report
 
 
@@ -142,45 +121,12 @@ def ingest_markdown(report: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-class MissingInputError(FileNotFoundError):
-  """A file that an earlier stage makes is not there; the message says how to make it."""
-
-
-def _making_stage(name: str) -> str | None:
-  if name in (CONVERSATIONS, USERS, SPLITS):
-    return "ingest"
-  if name == FOLLOW_UPS:
-    return "classify"
-  if name == PERSONAS:
-    return "persona"
-  if name.startswith(PAIRS.split("{")[0]) or name == PAIRS_HF:
-    return "rewrites"
-  return None
-
-
-def input_path(data_dir: str, name: str, *, field: str = "config.data.dir") -> str:
-  """`data_dir/name`, or MissingInputError naming the command that makes it.
-
-  `field` is the config field (or flag) that set data_dir, for the error message.
-  """
-  path = os.path.join(data_dir, name)
-  if fileio.exists(path):
-    return path
-  stage = _making_stage(os.path.basename(name))
-  how = (f"make it with `python -m experiments.prepare_data --config "
-         f"configs/data_prep.py:sample --workdir {data_dir} --stage {stage}` (or "
-         f"--stage all; use your own data-prep config for real data), or "
-         if stage else "")
-  raise MissingInputError(f"{path} not found: {how}point {field} at a data-prep "
-                          f"directory that holds {name}")
-
-
 def _read(workdir: str, name: str, cls, stage: str):
   del stage  # the error names the stage that makes the file
-  return schema.read_jsonl(input_path(workdir, name, field="--workdir"), cls)
+  return schema.read_jsonl(files.input_path(workdir, name, field="--workdir"), cls)
 
 
-def make_client(client_cfg, workdir: str, cache_name: str = LLM_CACHE
+def make_client(client_cfg, workdir: str, cache_name: str = files.LLM_CACHE
                 ) -> client_lib.InferenceClient:
   """The client of `client_cfg` behind the request cache `<workdir>/<cache_name>`.
 
@@ -206,7 +152,7 @@ def make_client(client_cfg, workdir: str, cache_name: str = LLM_CACHE
   return client
 
 
-def local_llm_cache(workdir: str, cache_name: str = LLM_CACHE) -> str:
+def local_llm_cache(workdir: str, cache_name: str = files.LLM_CACHE) -> str:
   """Where the local copy of a remote workdir's request cache lives (one per workdir).
 
   Under $RLHI_CACHE_DIR, default ~/.cache/rlhi: it outlives the process, so that the
@@ -228,7 +174,7 @@ def _merge_sqlite(remote: str, local: str) -> None:
     fileio.copy_file(remote, local)
     return
   with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
-    copy = os.path.join(tmp, LLM_CACHE)
+    copy = os.path.join(tmp, files.LLM_CACHE)
     fileio.copy_file(remote, copy)
     conn = sqlite3.connect(local, timeout=60.0, isolation_level=None)
     try:
@@ -254,7 +200,7 @@ def _upload_sqlite(local: str, remote: str) -> None:
   if not os.path.exists(local):
     return
   with tempfile.TemporaryDirectory(prefix="rlhi_") as tmp:
-    snapshot = os.path.join(tmp, LLM_CACHE)
+    snapshot = os.path.join(tmp, files.LLM_CACHE)
     src, dst = sqlite3.connect(local, timeout=60.0), sqlite3.connect(snapshot)
     try:
       src.backup(dst)
@@ -305,7 +251,7 @@ def _check_stage(cfg, stage: str, asked: int, rejects: list[schema.Reject],
       stage, asked, [r for r in rejects if r.reason in INFERENCE_FAILURES],
       cfg.max_failure_fraction,
       where=os.path.join(workdir, f"{stage}_report.md") + " and "
-      + os.path.join(workdir, f"{stage}_rejects.jsonl"),
+      + os.path.join(workdir, files.REJECTS.format(stage=stage)),
       rerun="Fix the inference server (config.client) and re-run this stage: answers "
       "that passed are cached, so only the failed items are asked again (or raise "
       "--config.max_failure_fraction).")
@@ -382,15 +328,16 @@ def _rejects_markdown(report: Mapping[str, Any]) -> list[str]:
 
 
 def run_classify(cfg, workdir: str) -> dict[str, Any]:
-  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "classify")
-  users = _read(workdir, USERS, schema.User, "classify")
+  conversations = _read(workdir, files.CONVERSATIONS, schema.Conversation, "classify")
+  users = _read(workdir, files.USERS, schema.User, "classify")
   ccfg = classify.ClassifyConfig.from_config(cfg.classify)
   with make_client(cfg.client, workdir) as client:
     follow_ups, failed = classify.classify(client, conversations, users, ccfg)
     report = _client_section(client)
-  schema.write_jsonl(os.path.join(workdir, FOLLOW_UPS), follow_ups)
+  schema.write_jsonl(os.path.join(workdir, files.FOLLOW_UPS), follow_ups)
   rejects = rejects_of("classify", failed)
-  schema.write_jsonl(os.path.join(workdir, "classify_rejects.jsonl"), rejects)
+  schema.write_jsonl(os.path.join(workdir, files.REJECTS.format(stage="classify")),
+                     rejects)
 
   labels = [name for name, _ in ccfg.labels]
   by_part = {p: collections.Counter(f.label for f in follow_ups if f.part == p)
@@ -419,21 +366,22 @@ def run_classify(cfg, workdir: str) -> dict[str, Any]:
         _md_table(["split/part", "actionable/classified"],
                   [[k, v] for k, v in report["actionable_by_split"].items()]), ""]
   md += _rejects_markdown(report) + _client_markdown(report)
-  write_report(workdir, "classify", report, "\n".join(md))
+  reports.write_report(workdir, "classify", report, "\n".join(md))
   _check_stage(cfg, "classify", report["follow_ups"], rejects, workdir)
   return report
 
 
 def run_persona(cfg, workdir: str) -> dict[str, Any]:
-  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "persona")
-  users = _read(workdir, USERS, schema.User, "persona")
+  conversations = _read(workdir, files.CONVERSATIONS, schema.Conversation, "persona")
+  users = _read(workdir, files.USERS, schema.User, "persona")
   pcfg = persona.PersonaConfig.from_config(cfg.persona)
   with make_client(cfg.client, workdir) as client:
     personas, skipped = persona.infer_personas(client, users, conversations, pcfg)
     report = _client_section(client)
-  schema.write_jsonl(os.path.join(workdir, PERSONAS), personas)
+  schema.write_jsonl(os.path.join(workdir, files.PERSONAS), personas)
   rejects = rejects_of("persona", skipped)
-  schema.write_jsonl(os.path.join(workdir, "persona_rejects.jsonl"), rejects)
+  schema.write_jsonl(os.path.join(workdir, files.REJECTS.format(stage="persona")),
+                     rejects)
   words = [len(p.to_text().split()) for p in personas]
   split_of = {u.user_id: u.split for u in users}
   report.update({
@@ -451,16 +399,17 @@ def run_persona(cfg, workdir: str) -> dict[str, Any]:
         f"words per persona: mean {report['mean_words']}, max {report['max_words']} "
         f"(cap {pcfg.max_words}).", ""]
   md += _rejects_markdown(report) + _client_markdown(report)
-  write_report(workdir, "persona", report, "\n".join(md))
+  reports.write_report(workdir, "persona", report, "\n".join(md))
   asked = len(personas) + sum(r.reason in INFERENCE_FAILURES for r in rejects)
   _check_stage(cfg, "persona", asked, rejects, workdir)
   return report
 
 
 def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
-  conversations = _read(workdir, CONVERSATIONS, schema.Conversation, "rewrites")
-  follow_ups = _read(workdir, FOLLOW_UPS, schema.FollowUp, "rewrites")
-  personas = {p.user_id: p for p in _read(workdir, PERSONAS, schema.Persona, "rewrites")}
+  conversations = _read(workdir, files.CONVERSATIONS, schema.Conversation, "rewrites")
+  follow_ups = _read(workdir, files.FOLLOW_UPS, schema.FollowUp, "rewrites")
+  personas = {p.user_id: p
+              for p in _read(workdir, files.PERSONAS, schema.Persona, "rewrites")}
   rcfg = rewrites.RewriteConfig.from_config(cfg.rewrites)
   policy = (make_client(cfg.policy_client, workdir) if rcfg.rejected == "regenerate"
             else None)
@@ -473,11 +422,12 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
     if policy is not None:
       policy.close()
   for split in schema.SPLITS:
-    schema.write_jsonl(os.path.join(workdir, PAIRS.format(split=split)),
+    schema.write_jsonl(os.path.join(workdir, files.PAIRS.format(split=split)),
                        [p for p in pairs if p.split == split])
   rejects = rejects_of("rewrites", failed)
-  schema.write_jsonl(os.path.join(workdir, "rewrites_rejects.jsonl"), rejects)
-  save_pairs_hf(pairs, os.path.join(workdir, PAIRS_HF))
+  schema.write_jsonl(os.path.join(workdir, files.REJECTS.format(stage="rewrites")),
+                     rejects)
+  save_pairs_hf(pairs, os.path.join(workdir, files.PAIRS_HF))
   by_split = collections.Counter(p.split for p in pairs)
   report.update({
       "mode": rcfg.mode,
@@ -497,7 +447,7 @@ def run_rewrites(cfg, workdir: str) -> dict[str, Any]:
         _md_table(["label", "pairs"], [[k, v] for k, v in
                                         report["pairs_by_label"].items()]), ""]
   md += _rejects_markdown(report) + _client_markdown(report)
-  write_report(workdir, "rewrites", report, "\n".join(md))
+  reports.write_report(workdir, "rewrites", report, "\n".join(md))
   _check_stage(cfg, "rewrites", report["actionable_targets"], rejects, workdir)
   return report
 

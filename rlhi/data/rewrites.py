@@ -28,7 +28,7 @@ from rlhi.data.schema import Conversation, FollowUp, Persona, PreferencePair
 @dataclasses.dataclass(frozen=True)
 class RewriteConfig:
   mode: str = "feedback"  # 'feedback' | 'scratch' (baseline without the follow-up)
-  use_persona: bool = True  # persona in the rewrite prompt and in the pairs
+  with_persona: bool = True  # persona in the rewrite prompt and in the pairs
   rejected: str = "original"  # 'original' WildChat answer | 'regenerate' (base policy)
   max_identical_ratio: float = 0.95  # near_identical when difflib ratio >= this
   max_quoted_words: int = 8  # mentions_feedback when it quotes this many follow-up words
@@ -122,7 +122,7 @@ def prompt_for(conv: Conversation, index: int, persona: str | None,
   context = conv.messages[max(0, answer_at - cfg.context_messages):answer_at]
   return prompting.render(
       "rewrite" if cfg.mode == "feedback" else "rewrite_scratch",
-      persona=persona if cfg.use_persona else None, context=context,
+      persona=persona if cfg.with_persona else None, context=context,
       answer=conv.messages[answer_at].content, follow_up=conv.messages[index].content)
 
 
@@ -204,7 +204,7 @@ def make_pairs(client: InferenceClient, follow_ups: Sequence[FollowUp],
         pair_id=pair_id(f.conversation_hash, f.message_index, source),
         user_id=f.user_id, split=f.split, prompt=conv.messages[:answer_at],
         chosen=rewrite, rejected=original,
-        persona=persona.to_text() if (persona and cfg.use_persona) else None,
+        persona=persona.to_text() if (persona and cfg.with_persona) else None,
         source=source, conversation_hash=f.conversation_hash,
         message_index=answer_at, label=f.label, feedback=f.feedback))
   return pairs, failed

@@ -136,6 +136,12 @@ class Persona:
     return "\n".join(lines)
 
 
+# How Persona.to_text() goes into the system slot: training's default
+# (configs data.system_template), the reward model's saved template and persona-guided
+# inference all start from this one, so a model is evaluated the way it was trained.
+PERSONA_TEMPLATE = "About the user:\n{persona}"
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferencePair:
   """A preference pair in TRL's conversational form, plus persona and provenance.

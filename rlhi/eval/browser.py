@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlhi import fileio
-from rlhi.data import schema
 from rlhi.eval import report as report_lib
 from rlhi.eval import stats
 

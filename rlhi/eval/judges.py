@@ -1,36 +1,50 @@
-"""UserEval judges: an LLM through the inference client, or the reward model offline.
+"""UserEval judges behind one interface: an LLM through the inference client, or the
+reward model offline.
 
-Both judge a list of `Pair`s (an item and the two systems' answers) in both orders:
-order 'ab' shows system A's answer as "Response A", order 'ba' shows system B's answer
-there. A judgement record says which *system* won each dimension:
+    judge = judges.make_judge(cfg.judge, workdir=workdir, cache_name=CACHE_FILE,
+                              mesh_axes=dict(cfg.mesh))
+    verdicts = judge.judge(pairs)       # judge.dimensions, judge.orders, ...
 
-    {"item_id", "turn_type", "order": "ab" | "ba", "shown_first": "a" | "b",
-     "winners": {dimension: "a" | "b" | "tie"} or None, "error": None or the reason,
-     ...judge-specific fields: "choices" and "rationale" (llm), "scores" (reward_model)}
+A `Judge` judges a list of `Pair`s (an item and the two systems' answers); order 'ab'
+shows system A's answer as "Response A", order 'ba' shows system B's answer there. A
+judgement record says which *system* won each dimension:
 
-LLM judge: prompt rlhi/eval/prompts/judge.txt, a JSON object with "A", "B" or "tie" for
-each dimension; an answer that does not parse or misses a dimension is re-asked once
-(rlhi.data.prompting.ask_json), then recorded as a failure with both reasons, never
-guessed. Requests go through the client's SQLite cache, so a re-run asks nothing twice.
+    {"item_id", "turn_type", "order": "ab" | "ba" | "any", "shown_first": "a" | "b" |
+     None, "winners": {dimension: "a" | "b" | "tie"} or None, "error": None or the
+     reason, ...judge-specific fields: "choices" and "rationale" (llm), "scores"
+     (reward_model)}
 
-Reward-model judge: scores each answer with the persona in the system slot (the
-template the RM was trained with), the two answers of a pair after the same (possibly
-truncated) context; the higher score wins, equal scores tie. It judges
-'overall' only. Its scores do not depend on the order, so each pair is judged once
-(order 'any', rlhi.eval.stats.ANY_ORDER).
+`make_judge` builds the judge that config.judge.kind names from the table `JUDGES`
+(kind -> factory of (config.judge, workdir, mesh axes, cache name)); a new judge is
+one class and one entry there.
+
+LLM judge (`LLMJudge`, kind 'llm'): prompt rlhi/eval/prompts/judge.txt, both orders of
+every pair, a JSON object with "A", "B" or "tie" for each dimension; an answer that
+does not parse or misses a dimension is re-asked once (rlhi.data.prompting.ask_json),
+then recorded as a failure with both reasons, never guessed. Requests go through the
+client's SQLite cache, so a re-run asks nothing twice. Only process 0 asks.
+
+Reward-model judge (`RewardModelJudge`, kind 'reward_model'): scores each answer with
+rlhi.models.scorer (the persona in the system slot, the template the RM was trained
+with; the two answers of a pair after the same, possibly truncated, context); the
+higher score wins, equal scores tie. It judges 'overall' only. Its scores do not
+depend on the order, so each pair is judged once (order 'any',
+rlhi.eval.stats.ANY_ORDER). Every process scores (the model is sharded over all
+devices).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ContextManager, Protocol
 
-from rlhi import fileio
 from rlhi.data import client as client_lib
+from rlhi.data import items as items_lib
+from rlhi.data import pipeline
 from rlhi.data import prompting
-from rlhi.eval import items as items_lib
 from rlhi.eval import stats
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -47,6 +61,7 @@ _CHOICES = {"a": "A", "b": "B", "tie": "tie"}
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+  """An item and the two systems' answers to it."""
   item: items_lib.EvalItem
   answer_a: str
   answer_b: str
@@ -119,57 +134,103 @@ def _record(pair: Pair, order: str, **fields: Any) -> dict[str, Any]:
           **fields}
 
 
-def judge_llm(client: client_lib.InferenceClient, pairs: Sequence[Pair], *,
-              dimensions: Sequence[str] = stats.DIMENSIONS, max_tokens: int = 512,
-              temperature: float = 0.0, max_context_messages: int = 0,
-              max_chars_per_message: int = 0, max_answer_chars: int = 0
-              ) -> list[dict[str, Any]]:
-  """Both orders of every pair through the LLM; one record per (pair, order)."""
-  unknown = [d for d in dimensions if d not in DIMENSION_DESCRIPTIONS]
-  if unknown:
-    raise ValueError(f"judge: unknown dimension(s) {unknown}; known: "
-                     f"{list(DIMENSION_DESCRIPTIONS)}")
-  jobs = [(p, o) for p in pairs for o in stats.ORDERS]
-  requests = [prompting.JsonItem(
-      key=judgement_key(p.item.item_id, o),
-      prompt=render_prompt(p, o, dimensions=dimensions,
-                           max_context_messages=max_context_messages,
-                           max_chars_per_message=max_chars_per_message,
-                           max_answer_chars=max_answer_chars)) for p, o in jobs]
-  schema = prompting.object_schema(
-      {**{d: {"type": "string", "enum": ["A", "B", "tie"]} for d in dimensions},
-       "rationale": prompting.STRING})
-  done, failed = prompting.ask_json(
-      client, requests, lambda obj: parse_choices(obj, dimensions), desc="usereval judge",
-      schema=schema, max_tokens=max_tokens, temperature=temperature)
-  out = []
-  for (pair, order), req in zip(jobs, requests):
-    if req.key in done:
-      got = done[req.key]
-      winners = {d: _winner(c, order) for d, c in got["choices"].items()}
-      out.append(_record(pair, order, choices=got["choices"], winners=winners,
-                         rationale=got["rationale"], error=None))
-    else:
-      out.append(_record(pair, order, choices=None, winners=None, rationale="",
-                         error=str(failed[req.key]),
-                         answers=list(prompting.answers_of(failed[req.key]))))
-  return out
+class Judge(Protocol):
+  """Judges pairs; what `make_judge` returns and UserEval uses."""
+
+  kind: str  # the config.judge.kind it implements (the report's judge.kind)
+  dimensions: tuple[str, ...]  # what it judges, of DIMENSION_DESCRIPTIONS
+  orders: tuple[str, ...]  # the orders each pair is judged in: stats.ORDERS or ANY_ORDER
+  # True: every process must call `judge` (a model sharded over all devices) and gets
+  # every verdict; False: only process 0 calls it.
+  collective: bool
+  description: str  # one line for the report (complete once `judge` has run)
+  requests: Mapping[str, int] | None  # request counts of the last `judge` (LLM)
+
+  def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    """One record per (pair, order), in the order of `pairs` (see the module doc)."""
+    ...
 
 
-# ----------------------------------------------------------------------------------------
-# Reward-model judge (jax is imported here only).
-# ----------------------------------------------------------------------------------------
+class LLMJudge:
+  """An LLM through the inference client judges both orders of every pair.
+
+  Args:
+    client: an open InferenceClient; or None and `open_client`, called once per `judge`
+      (a context manager: closing it writes the request cache back).
+    dimensions: what to judge, of DIMENSION_DESCRIPTIONS.
+    max_tokens, temperature: of each request.
+    max_context_messages, max_chars_per_message, max_answer_chars: prompt caps (0: none).
+  """
+
+  kind = "llm"
+  orders = stats.ORDERS
+  collective = False
+
+  def __init__(self, client: client_lib.InferenceClient | None = None, *,
+               open_client: Callable[[], ContextManager[client_lib.InferenceClient]]
+               | None = None, dimensions: Sequence[str] = stats.DIMENSIONS,
+               max_tokens: int = 512, temperature: float = 0.0,
+               max_context_messages: int = 0, max_chars_per_message: int = 0,
+               max_answer_chars: int = 0):
+    if (client is None) == (open_client is None):
+      raise ValueError("LLMJudge: give either an open client or open_client")
+    self._open = open_client or (lambda: contextlib.nullcontext(client))
+    self.dimensions = tuple(dimensions)
+    self.max_tokens = max_tokens
+    self.temperature = temperature
+    self.max_context_messages = max_context_messages
+    self.max_chars_per_message = max_chars_per_message
+    self.max_answer_chars = max_answer_chars
+    self.description = "LLM through the inference client"
+    self.requests: Mapping[str, int] | None = None
+
+  def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    """Both orders of every pair through the LLM; one record per (pair, order)."""
+    dimensions = self.dimensions
+    unknown = [d for d in dimensions if d not in DIMENSION_DESCRIPTIONS]
+    if unknown:
+      raise ValueError(f"judge: unknown dimension(s) {unknown}; known: "
+                       f"{list(DIMENSION_DESCRIPTIONS)}")
+    jobs = [(p, o) for p in pairs for o in stats.ORDERS]
+    requests = [prompting.JsonItem(
+        key=judgement_key(p.item.item_id, o),
+        prompt=render_prompt(p, o, dimensions=dimensions,
+                             max_context_messages=self.max_context_messages,
+                             max_chars_per_message=self.max_chars_per_message,
+                             max_answer_chars=self.max_answer_chars)) for p, o in jobs]
+    schema = prompting.object_schema(
+        {**{d: {"type": "string", "enum": ["A", "B", "tie"]} for d in dimensions},
+         "rationale": prompting.STRING})
+    with self._open() as client:
+      done, failed = prompting.ask_json(
+          client, requests, lambda obj: parse_choices(obj, dimensions),
+          desc="usereval judge", schema=schema, max_tokens=self.max_tokens,
+          temperature=self.temperature)
+      self.requests = client.stats()
+      self.description = f"LLM {client.name} through the inference client"
+    out = []
+    for (pair, order), req in zip(jobs, requests):
+      if req.key in done:
+        got = done[req.key]
+        winners = {d: _winner(c, order) for d, c in got["choices"].items()}
+        out.append(_record(pair, order, choices=got["choices"], winners=winners,
+                           rationale=got["rationale"], error=None))
+      else:
+        out.append(_record(pair, order, choices=None, winners=None, rationale="",
+                           error=str(failed[req.key]),
+                           answers=list(prompting.answers_of(failed[req.key]))))
+    return out
 
 
 class RewardModelJudge:
-  """A reward model loaded with rlhi.models.reward_io, scoring (persona, context, answer).
+  """A reward model (rlhi.models.scorer) scores both answers; the higher one wins.
 
   Args:
     path: a reward-model directory (reward_io.save; train_reward exports
       <workdir>/reward_model).
     tokenizer: '' = the one saved in `path`.
     system_template: '' = the template saved with the RM (what it was trained with).
-    persona: put the persona in the system slot (False: the no-persona ablation).
+    with_persona: put the persona in the system slot (False: the no-persona ablation).
     batch_size, max_length, max_response_length, bucket_lengths: scoring batches;
       each pair is fitted to max_length like a training pair (rlhi.inputs: both
       answers after the same context), and a pair that cannot fit is a failure,
@@ -177,89 +238,38 @@ class RewardModelJudge:
     mesh_axes: the device mesh.
   """
 
+  kind = "reward_model"
   dimensions = RM_DIMENSIONS
+  orders = (stats.ANY_ORDER,)
+  collective = True
+  requests = None
 
   def __init__(self, path: str, *, tokenizer: str = "", system_template: str = "",
-               persona: bool = True, batch_size: int = 8, max_length: int = 2048,
+               with_persona: bool = True, batch_size: int = 8, max_length: int = 2048,
                max_response_length: int = 1024,
                bucket_lengths: Sequence[int] = (512, 1024, 2048),
                mesh_axes: Mapping[str, int] | None = None):
-    import jax  # pylint: disable=g-import-not-at-top  (heavy; only this judge needs it)
-    from rlhi import sharding  # pylint: disable=g-import-not-at-top
-    from rlhi.models import reward  # pylint: disable=g-import-not-at-top
-    from rlhi.models import reward_io  # pylint: disable=g-import-not-at-top
-    from rlhi.models import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    # jax and the model: imported here, by the one judge that needs them.
+    from rlhi.models import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
     if not path:
       raise ValueError("judge.kind='reward_model' needs config.judge.reward_model.path: "
                        "a directory written by rlhi.models.reward_io.save (e.g. "
                        "<train_reward workdir>/reward_model)")
-    self.path = path if fileio.is_remote(path) else os.path.abspath(path)
-    meta = reward_io.load_metadata(path)
-    self.system_template = system_template or meta["system_template"]
-    self.persona = persona
-    self.batch_size = batch_size
-    self.max_length = max_length
-    self.max_response_length = max_response_length
-    self.bucket_lengths = tuple(bucket_lengths)
-    self.mesh = sharding.make_mesh(dict(mesh_axes or {"fsdp": -1}))
-    self.config, self.params = reward_io.load(path, self.mesh)
-    self.fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(tokenizer or path),
-                                     self.system_template)
-    config = self.config
-    self._score = jax.jit(lambda p, b: reward.scores(p, config, b["tokens"],
-                                                     b["positions"], b["segment_ids"]))
-    self.name = f"reward model {self.path}"
+    self._rows = lambda pairs: [scorer_lib.Row(p.item.context, p.item.persona,
+                                               (p.answer_a, p.answer_b)) for p in pairs]
+    self.scorer = scorer_lib.Scorer(
+        path, tokenizer=tokenizer, system_template=system_template,
+        with_persona=with_persona, batch_size=batch_size, max_length=max_length,
+        max_response_length=max_response_length, bucket_lengths=bucket_lengths,
+        mesh_axes=mesh_axes, settings="config.judge.reward_model")
+    self.path = self.scorer.path
+    how = "with the persona in the system slot" if with_persona else "without the persona"
+    self.description = (f"reward model {self.path} (offline; scores each answer {how}; "
+                        f"higher wins, equal ties; it judges only 'overall')")
 
   def score_pairs(self, pairs: Sequence[Pair]) -> list[tuple[float, float] | str]:
-    """(score of A's answer, score of B's) per pair, or the reason it could not be.
-
-    Each pair is tokenized as a preference pair (rlhi.inputs.tokenize_pair), so both
-    answers are scored after the same context, fitted to max_length as in training.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from rlhi import inputs  # pylint: disable=g-import-not-at-top
-    from rlhi import sharding  # pylint: disable=g-import-not-at-top
-    from rlhi.data import schema  # pylint: disable=g-import-not-at-top
-    out: list[tuple[float, float] | str] = [""] * len(pairs)
-    examples, where = [], []
-    for k, pair in enumerate(pairs):
-      item = pair.item
-      t = inputs.tokenize_pair(self.fmt, schema.PreferencePair(
-          pair_id=item.item_id, user_id=item.user_id, split="test", prompt=item.context,
-          chosen=pair.answer_a, rejected=pair.answer_b, persona=item.persona,
-          source="usereval"), with_persona=self.persona, max_length=self.max_length,
-          max_response_length=self.max_response_length)
-      if t.example is None:
-        out[k] = (f"reward model input {t.truncation.dropped}: the context does not fit "
-                  f"max_length {self.max_length} (config.judge.reward_model.max_length)")
-        continue
-      prompt = t.example["prompt_ids"]
-      for side in ("chosen_ids", "rejected_ids"):
-        tokens = np.concatenate([prompt, t.example[side]])
-        examples.append({"tokens": tokens, "loss_mask": np.zeros_like(tokens)})
-      where.append(k)
-    if not examples:
-      return out
-    n_proc = jax.process_count()
-    batches = inputs.make_batches(
-        examples, per_host_batch_size=max(1, self.batch_size // n_proc),
-        pad_id=self.fmt.pad_id, bucket_lengths=self.bucket_lengths, shuffle=False,
-        num_epochs=1, drop_remainder=False, process_index=jax.process_index(),
-        process_count=n_proc)
-    scores, valid = [], []
-    with sharding.use_mesh(self.mesh):
-      for host_batch in batches:
-        batch = sharding.global_batch(host_batch, self.mesh)
-        scores.append(sharding.to_host(self._score(self.params, batch)))
-        valid.append(sharding.to_host(batch["valid"]))
-    flat = np.concatenate(scores)[np.concatenate(valid).astype(bool)]
-    if len(flat) != len(examples):
-      raise RuntimeError(f"reward-model judge: {len(flat)} scores for {len(examples)} "
-                         f"inputs")
-    for j, k in enumerate(where):
-      out[k] = (float(flat[2 * j]), float(flat[2 * j + 1]))
-    return out
+    """(score of A's answer, score of B's) per pair, or the reason it could not be."""
+    return self.scorer.score(self._rows(pairs))
 
   def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
     """One record per pair, order 'any': the scores do not depend on the order."""
@@ -274,3 +284,55 @@ class RewardModelJudge:
       out.append(_record(pair, stats.ANY_ORDER, scores={"a": sa, "b": sb},
                          winners={"overall": winner}, error=None))
     return out
+
+
+# ----------------------------------------------------------------------------------------
+# config.judge -> a Judge.
+# ----------------------------------------------------------------------------------------
+
+
+def _llm_judge(cfg, workdir: str, mesh_axes, cache_name: str) -> LLMJudge:
+  del mesh_axes  # the LLM runs elsewhere
+  return LLMJudge(
+      open_client=lambda: pipeline.make_client(cfg.client, workdir,
+                                               cache_name=cache_name),
+      dimensions=tuple(cfg.dimensions), max_tokens=cfg.max_tokens,
+      temperature=cfg.temperature, max_context_messages=cfg.max_context_messages,
+      max_chars_per_message=cfg.max_chars_per_message,
+      max_answer_chars=cfg.max_answer_chars)
+
+
+def _reward_model_judge(cfg, workdir: str, mesh_axes, cache_name: str
+                        ) -> RewardModelJudge:
+  del workdir, cache_name  # offline: no requests to cache
+  rm = cfg.reward_model
+  return RewardModelJudge(
+      rm.path, tokenizer=rm.tokenizer, system_template=rm.system_template,
+      with_persona=rm.with_persona, batch_size=rm.batch_size, max_length=rm.max_length,
+      max_response_length=rm.max_response_length, bucket_lengths=rm.bucket_lengths,
+      mesh_axes=mesh_axes)
+
+
+# kind -> (config.judge, workdir, mesh axes, request-cache file name) -> Judge
+JUDGES: dict[str, Callable[..., Judge]] = {
+    "llm": _llm_judge,
+    "reward_model": _reward_model_judge,
+}
+
+
+def check_kind(kind: str) -> None:
+  """Raises ValueError unless `kind` names a judge of `JUDGES`."""
+  if kind not in JUDGES:
+    raise ValueError(f"config.judge.kind: expected one of {tuple(JUDGES)}, got {kind!r}")
+
+
+def make_judge(cfg, *, workdir: str, cache_name: str,
+               mesh_axes: Mapping[str, int] | None = None) -> Judge:
+  """The judge config.judge (configs/eval.py) describes.
+
+  `workdir` holds the LLM judge's request cache `cache_name`; `mesh_axes` is the mesh
+  of a judge that runs a model here. Building the reward-model judge loads the model
+  (on every process); the LLM judge opens its client only when it judges.
+  """
+  check_kind(cfg.kind)
+  return JUDGES[cfg.kind](cfg, workdir, dict(mesh_axes or {"fsdp": -1}), cache_name)

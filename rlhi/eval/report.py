@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from rlhi import fileio
-from rlhi.data import pipeline
+from rlhi import reports
 from rlhi.eval import stats
 
 JSON_FILE = "usereval.json"
@@ -42,9 +42,9 @@ def markdown(report: Mapping[str, Any]) -> str:
   lines = [
       "# WildChat UserEval", "",
       (f"- **System A** (baseline): {a['label']} (`{a['kind']}`"
-       f"{', persona in the system slot' if a['persona'] else ''})"),
+       f"{', persona in the system slot' if a['with_persona'] else ''})"),
       (f"- **System B**: {b['label']} (`{b['kind']}`"
-       f"{', persona in the system slot' if b['persona'] else ''})"),
+       f"{', persona in the system slot' if b['with_persona'] else ''})"),
       (f"- **Judge**: {judge['description']}; dimensions judged: "
        f"{', '.join(d.replace('_', ' ') for d in dims)}."), "",
       ("Win rate of **B over A**: the share of pairs in which the judge preferred B's "
@@ -170,7 +170,7 @@ def plot(report: Mapping[str, Any], path: str) -> None:
 
 def write(workdir: str, report: Mapping[str, Any]) -> str:
   """Writes usereval.{json,md,png}; returns the markdown."""
-  pipeline.write_json(os.path.join(workdir, JSON_FILE), report)
+  reports.write_json(os.path.join(workdir, JSON_FILE), report)
   md = markdown(report)
   with fileio.open(os.path.join(workdir, MD_FILE), "w") as f:
     f.write(md)

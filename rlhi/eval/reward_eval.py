@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rlhi import fileio
-from rlhi.data import pipeline
+from rlhi import reports
+from rlhi.data import files
 
 REPORT_NAME = "reward_eval"  # -> reward_eval_report.{json,md}
 
@@ -69,7 +70,7 @@ def evaluate_reward_model(path: str, data_dir: str, *,
   eval_step = jax.jit(step_lib.make_eval_step(objectives.reward_loss(config)))
 
   sets, input_stats = inputs.pair_sets(
-      fmt, data_dir, [(pipeline.PAIRS, s, p) for s in splits for p in (True, False)],
+      fmt, data_dir, [(files.PAIRS, s, p) for s in splits for p in (True, False)],
       max_length=max_length, max_response_length=max_response_length)
   with sharding.use_mesh(mesh):
     metrics = loop.evaluate_held_out(eval_step, params, sets, batch_size=batch_size,
@@ -117,5 +118,5 @@ def run_reward_eval(cfg, workdir: str) -> dict[str, Any]:
       tokenizer=r.tokenizer, mesh_axes=dict(cfg.mesh))
   if sharding.is_main_process():
     fileio.makedirs(workdir)
-    pipeline.write_report(workdir, REPORT_NAME, result, markdown(result, r.splits))
+    reports.write_report(workdir, REPORT_NAME, result, markdown(result, r.splits))
   return result

@@ -4,9 +4,9 @@ Kinds (config.systems.a / .b):
   original     the WildChat assistant answer that followed the turn.
   checkpoint   an HF-format checkpoint directory (an rlhi export such as <workdir>/hf, or
                a released model) generating with rlhi.generate.ChatGenerator. With
-               `persona=True` the user's persona goes into the system slot through
-               `system_template` (persona-guided inference), so "checkpoint" and
-               "checkpoint + persona" are two systems.
+               `with_persona=True` the user's persona goes into the system slot
+               through `system_template` (persona-guided inference), so "checkpoint"
+               and "checkpoint + persona" are two systems.
   answers      a JSONL file of {"item_id", "text"} lines: answers made elsewhere (a vLLM
                server, a hosted model) for the items in usereval_items.jsonl.
 
@@ -29,15 +29,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
 from rlhi import fileio
+from rlhi.data import items as items_lib
 from rlhi.data import schema
-from rlhi.eval import items as items_lib
 from rlhi.models import sources
 
 KINDS = ("original", "checkpoint", "answers")
@@ -51,7 +50,7 @@ class GenerationSettings:
   seed: int = 0
   batch_size: int = 8
   max_prompt_tokens: int = 0  # 0: the model's max_position_embeddings - max_new_tokens
-  system_template: str = "About the user:\n{persona}"
+  system_template: str = schema.PERSONA_TEMPLATE
 
   @classmethod
   def from_config(cls, gen: Mapping[str, Any], system_template: str
@@ -77,9 +76,9 @@ class System:
   key: str  # 'a' or 'b'
   kind: str
   path: str = ""
-  persona: bool = False
+  with_persona: bool = False  # persona-guided inference (checkpoint only)
   tokenizer: str = ""  # checkpoint: '' = the checkpoint's own
-  name: str = ""  # the label in reports; '' = made from kind, path and persona
+  name: str = ""  # the label in reports; '' = made from kind, path and with_persona
 
   @classmethod
   def from_config(cls, key: str, cfg: Mapping[str, Any]) -> System:
@@ -112,9 +111,9 @@ class System:
                                      or fileio.isdir(system.path)):
       raise FileNotFoundError(f"{where}.path: {system.path} not found (expected a JSONL "
                               f"file of {{\"item_id\", \"text\"}} lines)")
-    if system.persona and system.kind != "checkpoint":
-      raise ValueError(f"{where}.persona=True needs kind='checkpoint' (only a model can "
-                       f"be given the persona), got kind={system.kind!r}")
+    if system.with_persona and system.kind != "checkpoint":
+      raise ValueError(f"{where}.with_persona=True needs kind='checkpoint' (only a "
+                       f"model can be given the persona), got kind={system.kind!r}")
     return system
 
   @property
@@ -124,16 +123,16 @@ class System:
     if self.kind == "original":
       return "original (WildChat answer)"
     if self.kind == "checkpoint" and self.path in sources.NAMED:
-      return self.path + (" + persona" if self.persona else "")
+      return self.path + (" + persona" if self.with_persona else "")
     short = "/".join(pathlib.PurePosixPath(sources.absolute(self.path)).parts[-2:])
     if self.kind == "answers":
       return f"answers {short}"
-    return short + (" + persona" if self.persona else "")
+    return short + (" + persona" if self.with_persona else "")
 
   def describe(self) -> dict[str, Any]:
     return {"label": self.label, "kind": self.kind,
             "path": sources.absolute(self.path) if self.path else "",
-            "persona": self.persona, "tokenizer": self.tokenizer}
+            "with_persona": self.with_persona, "tokenizer": self.tokenizer}
 
 
 def fingerprint(system: System, gen: GenerationSettings) -> str:
@@ -141,9 +140,11 @@ def fingerprint(system: System, gen: GenerationSettings) -> str:
   if system.kind == "checkpoint":
     path, weights = sources.weights_stamp(system.path)
     ident.update(
-        path=path, tokenizer=system.tokenizer, persona=system.persona,
+        # Key 'persona' (not with_persona): the fingerprints of earlier runs' answers
+        # stay the same, so they are still reused.
+        path=path, tokenizer=system.tokenizer, persona=system.with_persona,
         weights=weights,
-        template=gen.system_template if system.persona else "",
+        template=gen.system_template if system.with_persona else "",
         generation=dataclasses.asdict(dataclasses.replace(gen, system_template="")))
   elif system.kind == "answers":
     ident["sha256"] = hashlib.sha256(fileio.read_bytes(system.path)).hexdigest()
@@ -254,7 +255,7 @@ class Answerer:
     out, ready = [], []
     for it in todo:
       messages = it.chat()
-      if system.persona and it.persona:
+      if system.with_persona and it.persona:
         messages = [{"role": "system",
                      "content": self.gen.system_template.format(persona=it.persona)}
                     ] + messages

@@ -4,10 +4,12 @@
     report["win_rates"]["overall"]["all"]["win_rate"]  # B over A, in [0, 1]
 
 Steps (RLHI.md, "Evaluation: WildChat UserEval"):
-  1. items     test users' target turns with their history-only personas (items.py)
+  1. items     test users' target turns with their history-only personas
+               (rlhi/data/items.py)
   2. answers   system A and system B answer every item (systems.py)
-  3. judge     each pair in both orders by an LLM through the inference client, or
-               once by the reward model offline (judges.py)
+  3. judge     the judge config.judge names (judges.make_judge): each pair in both
+               orders by an LLM through the inference client, or once by the reward
+               model offline (judges.py)
   4. stats     B's win rate over A per turn type and dimension, bootstrap 95% interval
                (stats.py)
   5. report    usereval.{md,json,png} (report.py)
@@ -43,10 +45,10 @@ from typing import Any
 from rlhi import fileio
 from rlhi import local_backend  # pylint: disable=unused-import  (backend='local')
 from rlhi.data import pipeline
+from rlhi.data import items as items_lib
 from rlhi.data import prompting
 from rlhi.data import schema
 from rlhi.eval import browser
-from rlhi.eval import items as items_lib
 from rlhi.eval import judges
 from rlhi.eval import report as report_lib
 from rlhi.eval import stats
@@ -57,7 +59,6 @@ GENERATIONS_FILE = "usereval_generations.jsonl"
 JUDGEMENTS_FILE = "usereval_judgements.jsonl"
 REJECTS_FILE = "usereval_rejects.jsonl"
 CACHE_FILE = "usereval_cache.sqlite"
-JUDGE_KINDS = ("llm", "reward_model")
 
 
 def _processes() -> tuple[bool, int]:
@@ -82,7 +83,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
 
   Returns:
     The report (also written to usereval.json) on process 0, {} on other processes:
-      systems: {'a': {...}, 'b': {...}} (label, kind, path, persona)
+      systems: {'a': {...}, 'b': {...}} (label, kind, path, with_persona)
       judge: kind, description, dimensions (the LLM judges personalization,
         instruction_following and overall; the reward model overall only)
       win_rates: {dimension: {'initial' | 'follow_up' | 'all': {n_items, win_rate,
@@ -91,9 +92,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       items, generation, judge_failures, pairs, first_position_rate, requests,
       settings, files.
   """
-  if cfg.judge.kind not in JUDGE_KINDS:
-    raise ValueError(f"config.judge.kind: expected one of {JUDGE_KINDS}, got "
-                     f"{cfg.judge.kind!r}")
+  judges.check_kind(cfg.judge.kind)
   main, n_proc = _processes()
   if main:
     fileio.makedirs(workdir)
@@ -147,35 +146,14 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
            if text("a", i) is not None and text("b", i) is not None]
 
   # ---- Judge -------------------------------------------------------------------------
-  requests = None
-  if cfg.judge.kind == "llm":
-    if not main:
-      return {}
-    dimensions = tuple(cfg.judge.dimensions)
-    with pipeline.make_client(cfg.judge.client, workdir,
-                              cache_name=CACHE_FILE) as client:
-      judgements = judges.judge_llm(
-          client, pairs, dimensions=dimensions, max_tokens=cfg.judge.max_tokens,
-          temperature=cfg.judge.temperature,
-          max_context_messages=cfg.judge.max_context_messages,
-          max_chars_per_message=cfg.judge.max_chars_per_message,
-          max_answer_chars=cfg.judge.max_answer_chars)
-      requests = client.stats()
-      description = f"LLM {client.name} through the inference client"
-  else:
-    rm = cfg.judge.reward_model
-    judge = judges.RewardModelJudge(
-        rm.path, tokenizer=rm.tokenizer, system_template=rm.system_template,
-        persona=rm.persona, batch_size=rm.batch_size, max_length=rm.max_length,
-        max_response_length=rm.max_response_length, bucket_lengths=rm.bucket_lengths,
-        mesh_axes=dict(cfg.mesh))
-    dimensions = judge.dimensions
-    judgements = judge.judge(pairs)
-    how = "with the persona in the system slot" if rm.persona else "without the persona"
-    description = (f"reward model {judge.path} (offline; scores each answer {how}; "
-                   f"higher wins, equal ties; it judges only 'overall')")
-    if not main:
-      return {}
+  judge = judges.make_judge(cfg.judge, workdir=workdir, cache_name=CACHE_FILE,
+                            mesh_axes=dict(cfg.mesh))
+  if not (main or judge.collective):
+    return {}
+  judgements = judge.judge(pairs)
+  if not main:
+    return {}
+  dimensions = judge.dimensions
 
   # ---- Stats and report --------------------------------------------------------------
   failed = {f"{j['item_id']}/{j['order']}":
@@ -187,10 +165,8 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
   report = {
       "systems": {k: s.describe() for k, s in systems.items()},
       "win_rate_of": "b over a",
-      "judge": {"kind": cfg.judge.kind, "description": description,
-                "dimensions": list(dimensions),
-                "orders": (list(stats.ORDERS) if cfg.judge.kind == "llm"
-                           else [stats.ANY_ORDER])},
+      "judge": {"kind": judge.kind, "description": judge.description,
+                "dimensions": list(dimensions), "orders": list(judge.orders)},
       "win_rates": stats.win_rates(judgements, dimensions, n_boot=cfg.n_boot,
                                    seed=cfg.seed),
       "first_position_rate": stats.first_position_rate(judgements, "overall"),
@@ -202,7 +178,7 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
       "judge_failures": {"judgements": len(judgements), "failed": len(failed),
                          "by_reason": dict(collections.Counter(
                              pipeline.reason_code(e) for e in failed.values()))},
-      "requests": requests,
+      "requests": judge.requests,
       "settings": {"n_boot": cfg.n_boot, "seed": cfg.seed, "data_dir": cfg.data.dir,
                    "generation": dataclasses.asdict(gen)},
       "files": {

@@ -4,8 +4,9 @@ A GGUF file holds metadata (shapes, RoPE, tokenizer, chat template) and tensors 
 llama.cpp's names, most of them quantized. It is read with the `gguf` package (pure
 Python + NumPy, the file memory-mapped) and mapped onto what `hf_io` already knows:
 
-  - metadata -> an HF config.json dict -> `hf_io.config_from_hf`, so a GGUF model gets
-    the same LlamaConfig and checks as its HF original;
+  - metadata -> an HF config.json dict (the registered `families.GgufArchitecture`)
+    -> `hf_io.config_from_hf`, so a GGUF model gets the same LlamaConfig and checks as
+    its HF original;
   - tensors -> renamed with llama.cpp's own table (`gguf.get_tensor_name_map`, the one
     its converter writes with), dequantized with `gguf.quants.dequantize`, the rows of
     attn_q/attn_k put back in HF order (llama.cpp's converter interleaves the two
@@ -22,8 +23,9 @@ dtype until loading ends: about the model's size in that dtype (0.5 GB for
 SmolLM2-135M in float32). Fine for the small models GGUF is used for here; large
 models should be converted to an HF directory once (`hf_io.save_checkpoint`).
 
-Supported: general.architecture 'llama' (Llama 1-3, Mistral, SmolLM, TinyLlama, ...;
-not its mixture-of-experts variant), any tensor type `gguf.quants.dequantize`
+Supported: the general.architecture values registered in `rlhi.models.families`
+('llama': Llama 1-3, Mistral, SmolLM, TinyLlama, ...; not its mixture-of-experts
+variant; see families/gguf_llama.py), any tensor type `gguf.quants.dequantize`
 implements (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K- and IQ-quants),
 tokenizer model 'gpt2' (byte-level BPE) with the pre-tokenizers in `PRE_TOKENIZERS`.
 Anything else is an error naming the file and the metadata key or tensor.
@@ -38,13 +40,11 @@ from typing import Any
 import numpy as np
 
 from rlhi import fileio
+from rlhi.models import families
 from rlhi.models import hf_io
 from rlhi.models import llama
 
 Params = Any
-
-# general.architecture values read here, with the HF model_type they map to.
-ARCHITECTURES = {"llama": "llama"}
 
 # llama.cpp's GGUF token types (llama_token_type / gguf.TokenType).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -131,75 +131,10 @@ def open_gguf(path: str) -> GgufFile:
 
 
 def hf_config(g: GgufFile) -> dict[str, Any]:
-  """The HF config.json dict of the model in `g` (keys as transformers writes them)."""
+  """The HF config.json dict of the model in `g`, by its registered GGUF architecture
+  (rlhi.models.families)."""
   arch = g.require("general.architecture")
-  if arch not in ARCHITECTURES:
-    raise ValueError(f"{g.path}: general.architecture={arch!r} is not supported; "
-                     f"expected one of {sorted(ARCHITECTURES)}")
-
-  def key(name):
-    return f"{arch}.{name}"
-
-  def unsupported(name, value, expected):
-    raise ValueError(f"{g.path}: metadata {key(name)}={value!r} is not supported "
-                     f"(expected {expected})")
-
-  for name in ("block_count", "embedding_length", "feed_forward_length",
-               "attention.head_count", "attention.head_count_kv"):
-    value = g.get(key(name))
-    if value is not None and not isinstance(value, int):
-      unsupported(name, value, "one integer for all layers")
-  if g.get(key("expert_count"), 0):
-    unsupported("expert_count", g.get(key("expert_count")),
-                "0: mixture-of-experts layers are not modelled")
-  hidden = g.require(key("embedding_length"))
-  heads = g.require(key("attention.head_count"))
-  head_dim = g.get(key("attention.key_length"), hidden // heads)
-  if g.get(key("attention.value_length"), head_dim) != head_dim:
-    unsupported("attention.value_length", g.get(key("attention.value_length")),
-                f"the key length {head_dim}")
-  if g.get(key("rope.dimension_count"), head_dim) != head_dim:
-    unsupported("rope.dimension_count", g.get(key("rope.dimension_count")),
-                f"the head size {head_dim}: partial rotary embeddings are not modelled")
-  scaling = g.get(key("rope.scaling.type"), "none")
-  if scaling != "none" and g.get(key("rope.scaling.factor"), 1.0) != 1.0:
-    unsupported("rope.scaling.type", scaling, "'none'")
-  if "rope_freqs.weight" in g.tensors:
-    raise ValueError(f"{g.path}: tensor 'rope_freqs.weight' (Llama-3.1 style RoPE "
-                     f"scaling stored as per-frequency factors) is not supported")
-
-  tokens = g.get("tokenizer.ggml.tokens")
-  vocab = g.get(key("vocab_size"))
-  if vocab is None and tokens is not None:
-    vocab = len(tokens)
-  if vocab is None and "token_embd.weight" in g.tensors:
-    vocab = int(g.tensors["token_embd.weight"].shape[1])
-  if vocab is None:
-    raise ValueError(f"{g.path}: the vocabulary size is not stated: no metadata "
-                     f"{key('vocab_size')!r} or 'tokenizer.ggml.tokens', no tensor "
-                     f"'token_embd.weight'")
-  # End of turn / of message too: an instruct model stops on them.
-  eos = [g.get(f"tokenizer.ggml.{k}_token_id")
-         for k in ("eos", "eot", "eom")]
-  eos = list(dict.fromkeys(i for i in eos if i is not None))
-  return {
-      "model_type": ARCHITECTURES[arch],
-      "vocab_size": vocab,
-      "hidden_size": hidden,
-      "intermediate_size": g.require(key("feed_forward_length")),
-      "num_hidden_layers": g.require(key("block_count")),
-      "num_attention_heads": heads,
-      "num_key_value_heads": g.get(key("attention.head_count_kv"), heads),
-      "head_dim": head_dim,
-      "rope_theta": float(g.get(key("rope.freq_base"), 10_000.0)),
-      "rms_norm_eps": float(g.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
-      "max_position_embeddings": g.get(key("context_length"), 2048),
-      "tie_word_embeddings": "output.weight" not in g.tensors,
-      "bos_token_id": g.get("tokenizer.ggml.bos_token_id"),
-      "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-      # Dequantized values are float32; pass param_dtype/dtype to store less.
-      "torch_dtype": "float32",
-  }
+  return families.for_gguf(arch, g.path).hf_config(g)
 
 
 def load_config(path: str, **overrides: Any) -> llama.LlamaConfig:
@@ -212,18 +147,6 @@ def load_config(path: str, **overrides: Any) -> llama.LlamaConfig:
 # ---------------------------------------------------------------------------
 # Tensors -> params.
 # ---------------------------------------------------------------------------
-
-
-def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Inverse of llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute`.
-
-  The converter reorders the rows of q_proj (n_head = heads) and k_proj (n_head =
-  kv heads), per head, from HF's [first half; second half] of the rotary pairs to
-  interleaved pairs; this puts them back. Works on weights [rows, in] and biases.
-  """
-  half = w.shape[0] // n_head // 2
-  return (w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2)
-          .reshape(w.shape))
 
 
 class _Slice:
@@ -250,6 +173,7 @@ class GgufSource:
     self._config = config
     self._dtype = np.dtype(config.params_dtype)
     arch = g.require("general.architecture")
+    self._arch = families.for_gguf(arch, g.path)
     gguf = _gguf()
     name_map = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch),
@@ -282,11 +206,8 @@ class GgufSource:
 
   def get_slice(self, name: str) -> _Slice:
     if name not in self._cache:
-      w = self._g.dequantize(self._gguf_names[name])
-      if ".self_attn.q_proj." in name:
-        w = unpermute_rope_rows(w, self._config.num_heads)
-      elif ".self_attn.k_proj." in name:
-        w = unpermute_rope_rows(w, self._config.num_kv_heads)
+      w = self._arch.fix_tensor(name, self._g.dequantize(self._gguf_names[name]),
+                                self._config)
       self._cache[name] = w.astype(self._dtype, copy=False)
     return _Slice(self._cache[name])
 

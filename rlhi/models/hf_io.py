@@ -6,8 +6,10 @@ sharding and no host ever holds the whole model. Export writes a standard HF
 directory (config.json, generation_config.json, sharded safetensors + index)
 that `transformers` and vLLM load.
 
-Supported architectures: LlamaForCausalLM (incl. Llama-3.x "llama3" RoPE
-scaling), Qwen2ForCausalLM (q/k/v bias), MistralForCausalLM (sliding window).
+Supported architectures: those registered in `rlhi.models.families` (built in:
+LlamaForCausalLM incl. Llama-3.x "llama3" RoPE scaling, Qwen2ForCausalLM with q/k/v
+bias, MistralForCausalLM with a sliding window); a family gives the config.json
+mapping and the tensor names, this module the layouts, checks and placement.
 No torch import here: safetensors is read with framework="numpy" (bfloat16 via
 ml_dtypes).
 
@@ -17,7 +19,7 @@ file in `gguf_io`. Model names and .gguf paths resolve in `sources`.
 
 Directories may be local or remote (gs://..., anything etils.epath supports). A remote
 safetensors file is read like a local one, tensor by tensor and slice by slice, with
-range reads (`_RemoteSafetensors`), so no host downloads the whole checkpoint; export
+range reads (`fileio.open_safetensors`), so no host downloads the whole checkpoint; export
 uploads each shard as it is written.
 """
 
@@ -35,11 +37,11 @@ from typing import Any, Protocol
 import jax
 import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from rlhi import fileio
 from rlhi import sharding as sharding_lib
+from rlhi.models import families
 from rlhi.models import llama
 
 Params = Any
@@ -49,15 +51,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
-
-# Checkpoint tensors that are derived buffers, not parameters.
-_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
 _DTYPES = {
     "float32": np.float32,
     "bfloat16": ml_dtypes.bfloat16,
@@ -66,188 +59,66 @@ _DTYPES = {
 
 
 # ---------------------------------------------------------------------------
-# config.json <-> LlamaConfig.
+# config.json <-> LlamaConfig, through the family registered for it.
 # ---------------------------------------------------------------------------
 
 
 def config_from_hf(hf: dict[str, Any], source: str = CONFIG_FILE,
                    **overrides: Any) -> llama.LlamaConfig:
-  """Maps an HF config dict (Llama / Qwen2 / Mistral) to a LlamaConfig.
+  """Maps an HF config dict to a LlamaConfig, by its registered family
+  (rlhi.models.families: Llama, Qwen2, Mistral, ...).
 
   Args:
     hf: the parsed config.json.
     source: file name used in error messages.
     **overrides: LlamaConfig fields to set (e.g. scan_layers, dtype).
   """
-  model_type = hf.get("model_type")
-  if model_type not in _ARCHITECTURES:
-    raise ValueError(f"{source}: model_type={model_type!r} is not supported; "
-                     f"expected one of {sorted(_ARCHITECTURES)}")
-
-  def unsupported(field, value, expected):
-    raise ValueError(f"{source}: {field}={value!r} is not supported "
-                     f"(expected {expected})")
-
-  if hf.get("hidden_act", "silu") != "silu":
-    unsupported("hidden_act", hf["hidden_act"], "'silu'")
-  if model_type in ("llama", "mistral"):
-    if hf.get("attention_bias", False):
-      unsupported("attention_bias", True, "false; o_proj bias is not modelled")
-    if hf.get("mlp_bias", False):
-      unsupported("mlp_bias", True, "false")
-
-  # transformers >= 5 writes `rope_parameters`; older files (and the Hub's
-  # Llama-3 checkpoints) have rope_theta + rope_scaling.
-  rope = dict(hf.get("rope_parameters") or {})
-  theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-  if not rope or set(rope) <= {"rope_theta", "rope_type"}:
-    rope = dict(hf.get("rope_scaling") or rope)
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type == "default":
-    rope_scaling = None
-  elif rope_type == "llama3":
-    rope_scaling = llama.RopeScaling(
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(
-            rope["original_max_position_embeddings"]))
-  else:
-    unsupported("rope_type", rope_type, "'default' or 'llama3'")
-
-  sliding_window = None
-  if model_type == "mistral":
-    sliding_window = hf.get("sliding_window")
-  elif model_type == "qwen2":
-    layer_types = hf.get("layer_types") or []
-    uses_window = hf.get("use_sliding_window", False) and (
-        hf.get("max_window_layers", 0) < hf["num_hidden_layers"])
-    if "sliding_attention" in layer_types or uses_window:
-      unsupported("use_sliding_window", True,
-                  "false (per-layer windows are not modelled)")
-
-  eos = hf.get("eos_token_id")
-  eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-  dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-  if dtype not in _DTYPES:
-    unsupported("torch_dtype", dtype, f"one of {sorted(_DTYPES)}")
-  num_heads = hf["num_attention_heads"]
-  fields = dict(
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=num_heads,
-      num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-      rope_theta=float(theta),
-      rope_scaling=rope_scaling,
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=model_type == "qwen2",
-      sliding_window=sliding_window,
-      max_position_embeddings=hf.get("max_position_embeddings", 2048),
-      bos_token_id=hf.get("bos_token_id"),
-      eos_token_ids=eos,
-      param_dtype=dtype,
-      dtype=dtype,
-  )
+  fields = families.for_hf(hf, source).config_from_hf(hf, source)
   fields.update(overrides)
   return llama.LlamaConfig(**fields)
 
 
 def model_type_of(config: llama.LlamaConfig) -> str:
   """HF model_type that represents this config exactly."""
-  if config.qkv_bias:
-    if config.sliding_window is not None:
-      raise ValueError("qkv_bias with sliding_window has no HF equivalent")
-    return "qwen2"
-  if config.sliding_window is not None:
-    return "mistral"
-  return "llama"
+  return families.for_config(config).name
 
 
-def config_to_hf(config: llama.LlamaConfig) -> dict[str, Any]:
-  """LlamaConfig -> HF config.json dict (keys read by transformers, vLLM)."""
-  model_type = model_type_of(config)
-  rs = config.rope_scaling
-  eos = list(config.eos_token_ids)
-  hf = {
-      "architectures": [_ARCHITECTURES[model_type]],
-      "model_type": model_type,
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.intermediate_size,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": config.max_position_embeddings,
-      "rms_norm_eps": config.norm_eps,
-      # The pre-v5 layout of the Hub's Llama-3 checkpoints: read by
-      # transformers 4.x and 5.x and by vLLM.
-      "rope_theta": config.rope_theta,
-      "rope_scaling": None if rs is None else {
-          "rope_type": "llama3",
-          "factor": rs.factor,
-          "low_freq_factor": rs.low_freq_factor,
-          "high_freq_factor": rs.high_freq_factor,
-          "original_max_position_embeddings":
-              rs.original_max_position_embeddings,
-      },
-      "tie_word_embeddings": config.tie_embeddings,
-      "bos_token_id": config.bos_token_id,
-      "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
-      "torch_dtype": config.param_dtype,
-      "initializer_range": config.init_std,
-      "use_cache": True,
-  }
-  if model_type == "llama":
-    hf.update(attention_bias=False, mlp_bias=False)
-  elif model_type == "qwen2":
-    hf.update(use_sliding_window=False, sliding_window=None,
-              max_window_layers=config.num_layers)
-  else:
-    hf.update(sliding_window=config.sliding_window)
-  return hf
+def config_to_hf(config: llama.LlamaConfig,
+                 family: families.Family | None = None) -> dict[str, Any]:
+  """LlamaConfig -> HF config.json dict (keys read by transformers, vLLM), as `family`
+  (default: the one that represents `config` exactly) writes it."""
+  return (family or families.for_config(config)).config_to_hf(config)
+
+
+def _read_hf_config(path: str) -> tuple[dict[str, Any], str]:
+  file = os.path.join(path, CONFIG_FILE)
+  with fileio.open(file) as f:
+    return json.load(f), file
 
 
 def load_config(path: str, **overrides: Any) -> llama.LlamaConfig:
   """Reads `path/config.json` into a LlamaConfig."""
-  file = os.path.join(path, CONFIG_FILE)
-  with fileio.open(file) as f:
-    return config_from_hf(json.load(f), source=file, **overrides)
+  hf, file = _read_hf_config(path)
+  return config_from_hf(hf, source=file, **overrides)
+
+
+def family_of(path: str, config: llama.LlamaConfig | None = None) -> families.Family:
+  """The family of the checkpoint directory `path`: by its config.json, or (with none
+  there) the one that represents `config`."""
+  if config is not None and not fileio.exists(os.path.join(path, CONFIG_FILE)):
+    return families.for_config(config)
+  hf, file = _read_hf_config(path)
+  return families.for_hf(hf, file)
 
 
 # ---------------------------------------------------------------------------
 # Name and layout mapping.
 #
-# Each of our leaves is the HF tensor after a fixed transpose/reshape ("kind").
+# The names come from the family (`Family.hf_name`): each of our leaves is an HF
+# tensor after a fixed transpose/reshape ("kind").
 # `_read` produces any rectangular slice of our layout from the smallest
 # covering slice of the HF tensor.
 # ---------------------------------------------------------------------------
-
-
-def _hf_name(path: tuple[str, ...], layer: int | None) -> tuple[str, str]:
-  """Our param path (inside one layer if `layer` is set) -> (HF name, kind)."""
-  *modules, leaf = path
-  suffix = "bias" if leaf == "bias" else "weight"
-  if layer is None:
-    if modules == ["lm_head"]:
-      return "lm_head.weight", "linear"
-    return f"model.{'.'.join(modules)}.{suffix}", "identity"
-  name = f"model.layers.{layer}.{'.'.join(modules)}.{suffix}"
-  module = modules[-1]
-  if module in ("q_proj", "k_proj", "v_proj"):
-    kind = "heads_in_bias" if leaf == "bias" else "heads_in"
-  elif module == "o_proj":
-    kind = "heads_out"
-  elif module in ("gate_proj", "up_proj", "down_proj"):
-    kind = "linear"
-  else:
-    kind = "identity"
-  return name, kind
 
 
 def _hf_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -325,120 +196,22 @@ def _layer_of(path: tuple[str, ...]) -> tuple[int | None, tuple[str, ...]]:
   return None, path
 
 
-def hf_tensor_names(config: llama.LlamaConfig) -> list[str]:
-  """HF names of all tensors a checkpoint of `config` must contain."""
+def hf_tensor_names(config: llama.LlamaConfig,
+                    family: families.Family | None = None) -> list[str]:
+  """HF names of all tensors a checkpoint of `config` must contain (names of `family`,
+  default the one that represents `config`)."""
+  family = family or families.for_config(config)
   names = []
   for path, _ in _leaves(config):
     layer, rest = _layer_of(path)
     if layer == -1:
-      names += [_hf_name(rest, i)[0] for i in range(config.num_layers)]
+      names += [family.hf_name(rest, i)[0] for i in range(config.num_layers)]
     else:
-      names.append(_hf_name(rest, layer)[0])
+      names.append(family.hf_name(rest, layer)[0])
   return names
 
 
-# ---------------------------------------------------------------------------
-# Remote safetensors: the part of safetensors.safe_open that loading uses
-# (keys, get_slice(...)[idx], get_shape, get_tensor) over range reads, since
-# safe_open needs a local file (it mmaps it).
-#
-# Format: 8 bytes little-endian header length N, N bytes of JSON header
-# {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
-# then the data; offsets count from the end of the header; tensors are
-# C-contiguous, little-endian.
-# ---------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("bool"),
-}
-
-
-class _RemoteSafetensors:
-  """A safetensors file read through an open binary file object with range reads."""
-
-  def __init__(self, f, file: str):
-    self._f, self._file = f, file
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    self._header = header
-    self._data_start = 8 + n
-
-  def keys(self) -> list[str]:
-    return sorted(self._header)
-
-  def get_slice(self, name: str) -> _RemoteSlice:
-    info = self._header[name]
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"Tensor {name!r} in {self._file} has dtype {info['dtype']}, "
-                       f"not one of {sorted(_SAFETENSORS_DTYPES)}")
-    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
-    if end - begin != math.prod(shape) * dtype.itemsize:
-      raise ValueError(f"Tensor {name!r} in {self._file}: data_offsets {begin}..{end} "
-                       f"do not fit shape {shape} of {info['dtype']}")
-    return _RemoteSlice(self, self._data_start + begin, shape, dtype)
-
-  def get_tensor(self, name: str) -> np.ndarray:
-    return self.get_slice(name)[...]
-
-  def read(self, offset: int, size: int) -> bytes:
-    self._f.seek(offset)
-    data = self._f.read(size)
-    if len(data) != size:
-      raise ValueError(f"{self._file}: truncated (wanted {size} bytes at {offset}, "
-                       f"got {len(data)})")
-    return data
-
-
-class _RemoteSlice:
-  """`get_slice` result: reads only the rows its index selects on the first axis."""
-
-  def __init__(self, file: _RemoteSafetensors, offset: int, shape: tuple[int, ...],
-               dtype: np.dtype):
-    self._file, self._offset, self._shape, self._dtype = file, offset, shape, dtype
-
-  def get_shape(self) -> list[int]:
-    return list(self._shape)
-
-  def __getitem__(self, idx) -> np.ndarray:
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if not self._shape or not idx or idx[0] is Ellipsis:  # everything
-      data = self._file.read(self._offset, math.prod(self._shape) * self._dtype.itemsize)
-      return np.frombuffer(data, self._dtype).reshape(self._shape)[idx]
-    first, rest = idx[0], idx[1:]
-    n = self._shape[0]
-    if isinstance(first, slice):
-      rows = range(*first.indices(n))
-    else:  # an integer
-      i = int(first) + n if int(first) < 0 else int(first)
-      if not 0 <= i < n:
-        raise IndexError(f"index {first} out of range for axis 0 of size {n}")
-      rows = range(i, i + 1)
-    row_shape = self._shape[1:]
-    if not rows:
-      return np.zeros((0,) + row_shape, self._dtype)[(slice(None),) + rest]
-    lo, hi = min(rows), max(rows) + 1
-    row_bytes = math.prod(row_shape) * self._dtype.itemsize
-    data = self._file.read(self._offset + lo * row_bytes, (hi - lo) * row_bytes)
-    block = np.frombuffer(data, self._dtype).reshape((hi - lo,) + row_shape)
-    if not isinstance(first, slice):
-      return block[(0,) + rest]
-    stop = rows.stop - lo
-    local = slice(rows.start - lo, stop if stop >= 0 else None, rows.step)
-    return block[(local,) + rest]
-
-
-def _open_safetensors(file: str, stack: contextlib.ExitStack):
-  """safetensors.safe_open (mmap) for a local file, range reads for a remote one."""
-  if fileio.is_remote(file):
-    return _RemoteSafetensors(stack.enter_context(fileio.open(file, "rb")), file)
-  return stack.enter_context(safetensors.safe_open(file, framework="numpy"))
+# safe_open for a local file, range reads for a remote one (rlhi.fileio).
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +233,7 @@ def _checkpoint_files(path: str) -> dict[str, str]:
   for file in files:
     full = os.path.join(path, file)
     with contextlib.ExitStack() as stack:
-      for name in _open_safetensors(full, stack).keys():
+      for name in fileio.open_safetensors(full, stack).keys():
         out[name] = full
   return out
 
@@ -492,12 +265,13 @@ def load_checkpoint(
   """
   if config is None:
     config = load_config(path, **config_overrides)
+  family = family_of(path, config)
   files = _checkpoint_files(path)
   with contextlib.ExitStack() as stack:
     source = _SafetensorsSource(files, stack,
                                 f"any safetensors file of {path} "
                                 f"({sorted(set(files.values()))})")
-    return config, load_params(source, config, shardings)
+    return config, load_params(source, config, shardings, family)
 
 
 class TensorSource(Protocol):
@@ -532,37 +306,41 @@ class _SafetensorsSource:
   def get_slice(self, name: str) -> Any:
     file = self._files[name]
     if file not in self._handles:
-      self._handles[file] = _open_safetensors(file, self._stack)
+      self._handles[file] = fileio.open_safetensors(file, self._stack)
     return self._handles[file].get_slice(name)
 
 
 def load_params(source: TensorSource, config: llama.LlamaConfig,
-                shardings: Any = None) -> Params:
+                shardings: Any = None, family: families.Family | None = None
+                ) -> Params:
   """Params of `config` from HF-named tensors, each shard read by slice.
 
   Args:
     source: the tensors (see `TensorSource`).
     config: the model they belong to.
     shardings: as for `load_checkpoint`; default the first device.
+    family: whose tensor names `source` uses; default the family that represents
+      `config`.
 
   Raises:
     ValueError: a tensor of `source` is not part of the model, one is missing,
       or a shape differs; the message names the tensor and where it is.
   """
+  family = family or families.for_config(config)
   where = source.locations()
   leaves = _leaves(config)
-  expected = set(hf_tensor_names(config))
+  expected = hf_tensor_names(config, family)
   allowed = set(expected)
   if config.tie_embeddings:
-    allowed.add("lm_head.weight")  # Some tied checkpoints still carry it.
+    allowed.add(family.lm_head_name())  # Some tied checkpoints still carry it.
   for name, file in sorted(where.items()):
-    if name not in allowed and not _IGNORED.fullmatch(name):
+    if name not in allowed and not family.ignored_tensors.fullmatch(name):
       raise ValueError(
           f"Unknown tensor {name!r} in {file}: not a parameter of a "
-          f"{model_type_of(config)} model with {config.num_layers} layers "
+          f"{family.name} model with {config.num_layers} layers "
           f"(qkv_bias={config.qkv_bias}, tie_embeddings="
           f"{config.tie_embeddings})")
-  missing = [n for n in hf_tensor_names(config) if n not in where]
+  missing = [n for n in expected if n not in where]
   if missing:
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     raise ValueError(f"Missing tensor {missing[0]!r}{more}: not found in "
@@ -594,10 +372,10 @@ def load_params(source: TensorSource, config: llama.LlamaConfig,
     layer, rest = _layer_of(path_)
     stacked = layer == -1
     if stacked:
-      names_kinds = [_hf_name(rest, i) for i in range(config.num_layers)]
+      names_kinds = [family.hf_name(rest, i) for i in range(config.num_layers)]
       layer_shape = shape[1:]
     else:
-      names_kinds = [_hf_name(rest, layer)]
+      names_kinds = [family.hf_name(rest, layer)]
       layer_shape = shape
     for name, kind in names_kinds:
       check_shape(name, kind, layer_shape)
@@ -644,7 +422,8 @@ def _slice_reader(tensor: Callable, names_kinds, layer_shape, stacked: bool,
 
 def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
                     max_shard_size: int = 5 * 2**30,
-                    dtype: str | None = None) -> None:
+                    dtype: str | None = None,
+                    family: families.Family | None = None) -> None:
   """Writes an HF checkpoint directory loadable by transformers and vLLM.
 
   Tensors are fetched one at a time (one layer of a scanned stack at a time).
@@ -659,7 +438,10 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
       `model-0000i-of-0000n.safetensors` plus model.safetensors.index.json.
     dtype: storage dtype ("bfloat16", "float32", "float16"); default
       config.param_dtype.
+    family: the tensor names and config.json to write; default the family that
+      represents `config` exactly (Llama, Qwen2 or Mistral).
   """
+  family = family or families.for_config(config)
   dtype = dtype or config.param_dtype
   np_dtype = _DTYPES[dtype]
   itemsize = np.dtype(np_dtype).itemsize
@@ -672,13 +454,13 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
     layer, rest = _layer_of(path_)
     if layer == -1:
       for i in range(config.num_layers):
-        name, kind = _hf_name(rest, i)
+        name, kind = family.hf_name(rest, i)
         plan.append((name, kind, shape[1:],
                      lambda leaf=leaf, i=i: sharding_lib.to_host(leaf[i])))
     else:
-      name, kind = _hf_name(rest, layer)
+      name, kind = family.hf_name(rest, layer)
       plan.append((name, kind, shape, lambda leaf=leaf: sharding_lib.to_host(leaf)))
-  order = {n: i for i, n in enumerate(hf_tensor_names(config))}
+  order = {n: i for i, n in enumerate(hf_tensor_names(config, family))}
   plan.sort(key=lambda p: order[p[0]])
 
   shards: list[list] = [[]]
@@ -712,7 +494,7 @@ def save_checkpoint(params: Params, config: llama.LlamaConfig, path: str,
       json.dump({"metadata": {"total_size": total_size},
                  "weight_map": weight_map}, f, indent=2)
   with fileio.open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(config_to_hf(dataclasses.replace(config, param_dtype=dtype)),
+    json.dump(config_to_hf(dataclasses.replace(config, param_dtype=dtype), family),
               f, indent=2)
   eos = list(config.eos_token_ids)
   generation = {"_from_model_config": True}

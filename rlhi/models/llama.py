@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhi import sharding
+from rlhi.models import families
+from rlhi.models.llama_config import REMAT_POLICIES, LlamaConfig, RopeScaling  # pylint: disable=unused-import  (re-exported)
 
 Array = jax.Array
 Params = Any  # A nested dict of arrays.
@@ -56,153 +58,18 @@ Params = Any  # A nested dict of arrays.
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-  """Llama-3 ("llama3") RoPE frequency scaling, as in HF `rope_parameters`."""
-
-  factor: float
-  low_freq_factor: float
-  high_freq_factor: float
-  original_max_position_embeddings: int
-
-
-REMAT_POLICIES = (
-    "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """Shape and numerics of a Llama-family decoder.
-
-  Frozen and hashable: it is a static argument of jitted functions.
-  """
-
-  vocab_size: int
-  hidden_size: int
-  intermediate_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  rope_theta: float = 10_000.0
-  rope_scaling: RopeScaling | None = None
-  norm_eps: float = 1e-5
-  tie_embeddings: bool = False
-  # Bias on q/k/v projections only (Qwen2); o_proj never has one.
-  qkv_bias: bool = False
-  # Mistral v0.1 style: a query sees at most this many most recent keys.
-  sliding_window: int | None = None
-  max_position_embeddings: int = 2048
-  # Token ids carried along for HF export and the sampler's defaults.
-  bos_token_id: int | None = None
-  eos_token_ids: tuple[int, ...] = ()
-  init_std: float = 0.02
-  # Numerics and performance switches; they do not change the parameters'
-  # meaning, only their storage dtype or how the graph is built.
-  param_dtype: str = "float32"
-  dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  # Reshape activations to [batch*length, features] around matmuls. XLA:CPU
-  # runs the backward of dots on 3-D activations slowly; None = on iff the
-  # default backend is CPU.
-  flatten_dense: bool | None = None
-  # Training passes (no KV cache) attend by blocks of this many query rows and
-  # skip keys after each block (`dot_product_attention`); exact. With the LM head on
-  # response targets only, the tiny DPO step at 512 tokens takes 0.84x of the dense
-  # one on CPU (docs/bench_dpo.md). None = one dense [T, S] block.
-  attention_block: int | None = 128
-
-  def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
-          f"num_kv_heads={self.num_kv_heads}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"LlamaConfig.remat_policy={self.remat_policy!r}; expected one of "
-          f"{REMAT_POLICIES}")
-    if self.head_dim % 2:
-      raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even")
-    if self.attention_block is not None and self.attention_block <= 0:
-      raise ValueError(f"LlamaConfig.attention_block={self.attention_block} must be "
-                       f"positive, or None for one dense block")
-    if isinstance(self.eos_token_ids, list):
-      object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
-
-  @property
-  def params_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
-
-  @property
-  def flatten(self) -> bool:
-    if self.flatten_dense is None:
-      return jax.default_backend() == "cpu"
-    return self.flatten_dense
-
-
-_LLAMA3_ROPE_8K = RopeScaling(
-    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-    original_max_position_embeddings=8192)
-
-_CONFIGS = {
-    # ~5.1M params: tests, the demo, CPU experiments. GQA, untied.
-    "tiny": LlamaConfig(
-        vocab_size=4096, hidden_size=256, intermediate_size=768,
-        num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
-        rope_theta=10_000.0, max_position_embeddings=2048),
-    # ~103M params, same tokenizer as tiny: the largest thing sensible on CPU.
-    "small": LlamaConfig(
-        vocab_size=4096, hidden_size=768, intermediate_size=2816,
-        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64,
-        rope_theta=10_000.0, max_position_embeddings=4096),
-    # meta-llama/Llama-3.2-1B.
-    "llama3_1b": LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-        rope_theta=500_000.0,
-        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-        tie_embeddings=True, max_position_embeddings=131072,
-        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
-        param_dtype="bfloat16", dtype="bfloat16"),
-    # meta-llama/Llama-3.1-8B.
-    "llama3_8b": LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-        rope_theta=500_000.0, rope_scaling=_LLAMA3_ROPE_8K,
-        max_position_embeddings=131072,
-        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
-        param_dtype="bfloat16", dtype="bfloat16"),
-    # meta-llama/Llama-3.1-70B (same shapes as Llama-3.3-70B).
-    "llama3_70b": LlamaConfig(
-        vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-        rope_theta=500_000.0, rope_scaling=_LLAMA3_ROPE_8K,
-        max_position_embeddings=131072,
-        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
-        param_dtype="bfloat16", dtype="bfloat16"),
-    # Qwen/Qwen2-7B-Instruct.
-    "qwen2_7b": LlamaConfig(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
-        rope_theta=1_000_000.0, norm_eps=1e-6, qkv_bias=True,
-        max_position_embeddings=32768,
-        bos_token_id=151643, eos_token_ids=(151645, 151643),
-        param_dtype="bfloat16", dtype="bfloat16"),
-}
-
-CONFIG_NAMES = tuple(_CONFIGS)
+# The named sizes (tiny, small, llama3_8b, ...) are declared by their model families
+# (rlhi/models/families/), once, with the training defaults configs/common.py uses.
+# Built-in families only: the names there are when this module is imported.
+CONFIG_NAMES = tuple(families.named_sizes())
 
 
 def get_config(name: str, **overrides: Any) -> LlamaConfig:
   """Returns the named config, with `dataclasses.replace` overrides applied."""
-  if name not in _CONFIGS:
-    raise ValueError(f"Unknown model config {name!r}; known: {CONFIG_NAMES}")
-  return dataclasses.replace(_CONFIGS[name], **overrides)
+  sizes = families.named_sizes()
+  if name not in sizes:
+    raise ValueError(f"Unknown model config {name!r}; known: {tuple(sizes)}")
+  return dataclasses.replace(sizes[name].config, **overrides)
 
 
 # ---------------------------------------------------------------------------
@@ -393,7 +260,7 @@ def attention_mask(q_slots: Array, k_slots: Array, q_segments: Array,
   Slots are indices along the (cached) sequence and order the tokens; segment
   id 0 marks padding and never attends or is attended to.
 
-  Response ids (shared-prompt packing, rlhi/inputs.py `pack`): within a segment,
+  Response ids (shared-prompt packing, rlhi/inputs/batches.py `pack`): within a segment,
   response id 0 is the shared prompt and 1, 2 the two responses laid out after
   it; a token sees the prompt and its own response, never the other response.
 

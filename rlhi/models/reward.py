@@ -70,7 +70,7 @@ def scores_at(params: Params, config: llama.LlamaConfig, tokens: Array,
               positions: Array, segment_ids: Array, response_ids: Array | None,
               index: Array) -> Array:
   """Rewards [R, K] float32 read at columns index [R, K] of rows tokens [R, T]: packed
-  sequences (rlhi/inputs.py `pack`), each scored at its own last token."""
+  sequences (rlhi/inputs/batches.py `pack`), each scored at its own last token."""
   hidden = llama.forward(params["backbone"], config, tokens, positions, segment_ids,
                          response_ids=response_ids)
   h = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [R, K, E]

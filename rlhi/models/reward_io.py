@@ -38,6 +38,8 @@ import safetensors.numpy
 
 from rlhi import fileio
 from rlhi import sharding as sharding_lib
+from rlhi.data import schema
+from rlhi.models import builder
 from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import reward
@@ -49,7 +51,7 @@ FORMAT = "rlhi-reward-v1"
 # In a subdirectory: hf_io reads every *.safetensors at the top level as backbone shards.
 HEAD_FILE = os.path.join("score", "head.safetensors")
 META_FILE = "reward_model.json"
-DEFAULT_SYSTEM_TEMPLATE = "About the user:\n{persona}"
+DEFAULT_SYSTEM_TEMPLATE = schema.PERSONA_TEMPLATE
 
 
 def save(params: Params, config: llama.LlamaConfig, path: str, *, tokenizer: Any = None,
@@ -128,7 +130,8 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, *, shardings: Any = N
     (config, params) with params = {'backbone', 'score'} as rlhi.models.reward builds.
   """
   meta = load_metadata(path)
-  config = hf_io.load_config(path, **config_overrides)
+  spec = builder.ModelSpec(init=path)
+  config = builder.model_config(spec, **config_overrides)
   config = dataclasses.replace(config, tie_embeddings=meta["tie_embeddings"])
   if shardings is None:
     abstract = reward.abstract_params(config)
@@ -137,8 +140,9 @@ def load(path: str, mesh: jax.sharding.Mesh | None = None, *, shardings: Any = N
     else:
       device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       shardings = jax.tree.map(lambda _: device, sharding_lib.strip_boxes(abstract))
+  # Saved as a tied-embedding model (see `save`).
   tied = dataclasses.replace(config, tie_embeddings=True)
-  _, backbone = hf_io.load_checkpoint(path, tied, shardings["backbone"])
+  backbone = builder.init_params(spec, tied, shardings["backbone"])
 
   head_file = os.path.join(path, HEAD_FILE)
   if not fileio.exists(head_file):

@@ -14,27 +14,35 @@ from absl import logging
 import jax
 
 from rlhi import inputs
+from rlhi import losses
+from rlhi import reports
 from rlhi import sharding
-from rlhi.data import pipeline
+from rlhi.models import builder
 from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
-from rlhi.train import model_init
 from rlhi.train import objectives
 from rlhi.train import reference
 from rlhi.train import step as step_lib
 
 
+# The config fields of rlhi.losses.dpo_loss's options, for error messages.
+CONFIG_FIELDS = {"loss_type": "config.loss.type", "loss_weights": "config.loss.weights",
+                 "beta": "config.loss.beta",
+                 "label_smoothing": "config.loss.label_smoothing",
+                 "rpo_alpha": "config.loss.rpo_alpha"}
+
+
 def loss_options(cfg) -> dict:
-  """config.loss -> keyword arguments of objectives.dpo_loss."""
+  """config.loss -> keyword arguments of objectives.dpo_loss; ValueError naming the
+  config field on a bad option."""
   types = tuple(t.strip() for t in cfg.loss.type.split(",") if t.strip())
   weights = None
   if cfg.loss.weights:
     weights = tuple(float(w) for w in cfg.loss.weights.split(","))
-    if len(weights) != len(types):
-      raise ValueError(f"config.loss.weights={cfg.loss.weights!r} has {len(weights)} "
-                       f"values for {len(types)} loss types {types}")
+  losses.check_dpo_options(types, weights, cfg.loss.beta, cfg.loss.label_smoothing,
+                           cfg.loss.rpo_alpha, fields=CONFIG_FIELDS)
   return dict(loss_type=types if len(types) > 1 else types[0], loss_weights=weights,
               beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
               rpo_alpha=cfg.loss.rpo_alpha, chunk=cfg.logprob_chunk)
@@ -58,7 +66,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
     raise ValueError(f"config.reference.mode={cfg.reference.mode!r}; expected 'cached' "
                      f"or 'live'")
   # ---- Tokenizer and data ------------------------------------------------------------
-  tok_name = model_init.tokenizer_name(cfg)
+  tok_name = builder.tokenizer_name(cfg)
   tokenizer = tok_lib.load_tokenizer(tok_name)
   fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
 
@@ -70,11 +78,11 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
   evals = sets
 
   # ---- Models: policy and reference --------------------------------------------------
-  mconfig = model_init.model_config(cfg.model)
+  mconfig = builder.model_config(cfg.model)
   ref_model = reference_model_cfg(cfg)
-  ref_config = model_init.model_config(ref_model)
+  ref_config = builder.model_config(ref_model)
   mesh = mesh or sharding.make_mesh(dict(cfg.mesh))
-  ref_params = model_init.init_llama_params(
+  ref_params = builder.init_params(
       ref_model, ref_config,
       sharding.logical_shardings(llama.abstract_params(ref_config), mesh), cfg.seed)
   options = loss_options(cfg)
@@ -112,7 +120,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
 
   result = loop.train(cfg, workdir, loop.Task(
       name="dpo", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
-      init_params=lambda s: model_init.init_llama_params(cfg.model, mconfig, s, cfg.seed),
+      init_params=lambda s: builder.init_params(cfg.model, mconfig, s, cfg.seed),
       train_examples=train_examples, pad_id=fmt.pad_id, evaluate=evaluate,
       frozen=frozen, score_positions=True), mesh=mesh)
 
@@ -146,4 +154,4 @@ def write_report(workdir, cfg, final, n_train, input_stats):
       *loop.held_out_header(["reward accuracy", "margin", "chosen", "rejected",
                              "kl proxy", "loss"], accuracy="rewards/accuracies"),
       *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)
+  reports.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)

@@ -74,7 +74,7 @@ def train(cfg, workdir: str, task: Task, mesh: jax.sharding.Mesh | None = None
   # Model code is traced under the mesh and rules (activation constraints); parameter
   # init and loading run outside them and place arrays through explicit shardings.
   mesh = mesh or sharding.make_mesh(dict(cfg.mesh))
-  rules = sharding.DEFAULT_RULES
+  rules = sharding.rules_from_config(cfg.get("sharding_rules", ()))
   return _train(cfg, workdir, task, mesh, rules)
 
 
@@ -229,29 +229,24 @@ def evaluate_examples(eval_step: Callable, params: Any,
                       examples: Sequence[Mapping[str, Any]], *, batch_size: int,
                       pad_id: int, bucket_lengths: Sequence[int], frozen: Any = None,
                       score_positions: bool = False) -> dict[str, float]:
-  """Means of `eval_step`'s (sum, count) metrics over every example, once.
+  """Means of `eval_step`'s metrics (step.Metric: sum, count) over every example, once.
 
   `eval_step` is jitted by the caller (rlhi.train.step.make_eval_step). Runs inside
   the mesh of `train`; the last batch is padded with rows marked invalid. `frozen` is
   passed on to the loss (see Task.frozen); `score_positions` as in Task.
   """
-  n_proc = jax.process_count()
-  batches = inputs.make_batches(
-      examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
-      bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
-      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc,
-      score_positions=score_positions)
   totals = None
-  for host_batch in batches:
+  for batch, _ in inputs.host_batches(examples, batch_size=batch_size, pad_id=pad_id,
+                                      bucket_lengths=bucket_lengths,
+                                      score_positions=score_positions):
     extra = () if frozen is None else (frozen,)
-    sums = eval_step(params, sharding.global_batch(host_batch), jax.random.PRNGKey(0),
-                     *extra)
+    sums = eval_step(params, batch, jax.random.PRNGKey(0), *extra)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
   if totals is None:
     return {}
   totals = jax.device_get(totals)
-  out = {name: float(s) / max(float(c), 1e-9) for name, (s, c) in totals.items()}
-  out["count"] = float(totals["loss"][1])
+  out = {name: float(m.sum) / max(float(m.count), 1e-9) for name, m in totals.items()}
+  out["count"] = float(totals["loss"].count)
   return out
 
 

@@ -1,8 +1,8 @@
-"""Batch losses of each objective, in the form the update step takes (sums, counts).
+"""Batch losses of each objective, in the form the update step takes: each function here
+builds a `loss_fn(params, batch, rng) -> LossOutput` of sums and counts (the protocol
+of rlhi/train/step.py).
 
-    loss_fn(params, batch, rng) -> (loss_sum, (denominator, {name: (sum, count)}))
-
-Batches are those of rlhi/inputs.py, one example per row (`pad_batch`) or packed
+Batches are those of rlhi/inputs/batches.py, one example per row (`pad_batch`) or packed
 (`pack`: several per row, a pair's prompt shared by its responses, per-slot arrays);
 each loss takes both and gives the same sums. Examples with valid=False (padding of a
 last partial batch, empty slots) count for nothing.
@@ -19,9 +19,12 @@ from rlhi.models import llama
 from rlhi.models import reward
 from rlhi.train import step as step_lib
 
+Metric = step_lib.Metric
+LossOutput = step_lib.LossOutput
+
 
 def sft_loss(config: llama.LlamaConfig, chunk: int = 256) -> step_lib.LossFn:
-  """Token-level cross-entropy on completion tokens: (sum of NLL, token count)."""
+  """Token-level cross-entropy on completion tokens: loss (sum of NLL, token count)."""
 
   def loss_fn(params, batch, rng):
     del rng
@@ -32,7 +35,8 @@ def sft_loss(config: llama.LlamaConfig, chunk: int = 256) -> step_lib.LossFn:
     else:
       mask = batch["loss_mask"] * batch["valid"][:, None]
     n = mask.sum()
-    return -(logp * mask).sum(), (n, {"target_prob": ((jnp.exp(logp) * mask).sum(), n)})
+    return LossOutput(loss=Metric(-(logp * mask).sum(), n),
+                      metrics={"target_prob": Metric((jnp.exp(logp) * mask).sum(), n)})
 
   return loss_fn
 
@@ -48,12 +52,12 @@ def reward_loss(config: llama.LlamaConfig, margin: float = 0.0,
     n = w.sum()
     per_pair = losses.bradley_terry(rc, rr, margin, center_coef)
     metrics = {
-        "accuracy": (((rc > rr) * w).sum(), n),
-        "margin": (((rc - rr) * w).sum(), n),
-        "reward_mean": (((rc + rr) / 2 * w).sum(), n),
-        "reward_sq": (((rc ** 2 + rr ** 2) / 2 * w).sum(), n),
+        "accuracy": Metric(((rc > rr) * w).sum(), n),
+        "margin": Metric(((rc - rr) * w).sum(), n),
+        "reward_mean": Metric(((rc + rr) / 2 * w).sum(), n),
+        "reward_sq": Metric(((rc ** 2 + rr ** 2) / 2 * w).sum(), n),
     }
-    return (per_pair * w).sum(), (n, metrics)
+    return LossOutput(loss=Metric((per_pair * w).sum(), n), metrics=metrics)
 
   return loss_fn
 
@@ -104,7 +108,7 @@ def sequence_logps(params, config: llama.LlamaConfig, batch, chunk: int = 256
   batch['valid'] flattened), in one forward pass. Only positions whose target is a
   response token count (loss_mask), so prompt tokens and padding never contribute;
   the LM head runs on the columns of `score_positions` only (the response targets,
-  rlhi/inputs.py), over chunks of `chunk` positions, so no [rows, L, vocab] float32
+  rlhi/inputs/batches.py), over chunks of `chunk` positions, so no [rows, L, vocab] float32
   logits are held (llama.token_logprobs). A packed batch gives, pair by pair, the
   values of the unpacked one up to float32 rounding.
   """
@@ -136,7 +140,7 @@ def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "s
              label_smoothing: float = 0.0, rpo_alpha: float = 0.0, chunk: int = 256,
              live_reference: bool = False, ref_config: llama.LlamaConfig | None = None
              ) -> step_lib.LossFn:
-  """DPO over a batch of pairs (rlhi.losses.dpo_loss): (sum of pair losses, pairs).
+  """DPO over a batch of pairs (rlhi.losses.dpo_loss): loss (sum of pair losses, pairs).
 
   Reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`,
   precomputed once by rlhi/train/reference.py) or, with `live_reference`, from the
@@ -153,9 +157,7 @@ def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "s
                  label_smoothing=label_smoothing, rpo_alpha=rpo_alpha)
   # Fail on bad options (unknown loss type, label_smoothing out of range) now, at
   # config time, rather than inside the first traced step.
-  one = jnp.ones(1)
-  jax.eval_shape(lambda: losses.dpo_loss(one, one, one, one, chosen_length=one,
-                                         rejected_length=one, **options))
+  losses.check_dpo_options(**options)
 
   def loss_fn(params, batch, rng, ref_params=None):
     del rng
@@ -178,14 +180,14 @@ def dpo_loss(config: llama.LlamaConfig, *, loss_type: str | tuple[str, ...] = "s
     cr, rr = out.chosen_rewards, out.rejected_rewards
     drift = ((logps - ref) / jnp.maximum(lengths, 1.0)).reshape(2, b).mean(0)
     metrics = {
-        "rewards/chosen": ((cr * w).sum(), n),
-        "rewards/rejected": ((rr * w).sum(), n),
-        "rewards/accuracies": (((cr > rr) * w).sum(), n),
-        "rewards/margins": (((cr - rr) * w).sum(), n),
-        "logps/chosen": ((logps[:b] * w).sum(), n),
-        "logps/rejected": ((logps[b:] * w).sum(), n),
-        "kl_proxy": ((drift * w).sum(), n),
+        "rewards/chosen": Metric((cr * w).sum(), n),
+        "rewards/rejected": Metric((rr * w).sum(), n),
+        "rewards/accuracies": Metric(((cr > rr) * w).sum(), n),
+        "rewards/margins": Metric(((cr - rr) * w).sum(), n),
+        "logps/chosen": Metric((logps[:b] * w).sum(), n),
+        "logps/rejected": Metric((logps[b:] * w).sum(), n),
+        "kl_proxy": Metric((drift * w).sum(), n),
     }
-    return (out.losses * w).sum(), (n, metrics)
+    return LossOutput(loss=Metric((out.losses * w).sum(), n), metrics=metrics)
 
   return loss_fn

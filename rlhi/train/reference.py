@@ -103,23 +103,18 @@ def compute(params: Any, config: llama.LlamaConfig,
 
   One pass over the examples in order, batch-sharded on `mesh` like a train step; every
   process gets the full arrays. With `packing` the batches are packed (a pair's prompt
-  once for both responses; rlhi/inputs.py `pack`): the same values up to float32
+  once for both responses; rlhi/inputs/batches.py `pack`): the same values up to float32
   rounding, in fewer tokens.
   """
   n_proc = jax.process_count()
   if batch_size % n_proc:
     raise ValueError(f"batch_size {batch_size} must be divisible by {n_proc} processes")
-  batches = inputs.make_batches(
-      examples, per_host_batch_size=batch_size // n_proc, pad_id=pad_id,
-      bucket_lengths=tuple(bucket_lengths), shuffle=False, num_epochs=1,
-      drop_remainder=False, process_index=jax.process_index(), process_count=n_proc,
-      packing=packing, row_multiple=sharding.row_multiple(mesh), score_positions=True)
   fn = jitted_logps(config, mesh, chunk)
   out = []
   with sharding.use_mesh(mesh):
-    for host_batch in batches:
-      host_batch = {k: v for k, v in host_batch.items() if k not in (CHOSEN, REJECTED)}
-      global_batch = sharding.global_batch(host_batch, mesh)
+    for global_batch, _ in inputs.host_batches(
+        examples, batch_size=batch_size, pad_id=pad_id, bucket_lengths=bucket_lengths,
+        mesh=mesh, packing=packing, score_positions=True, exclude=(CHOSEN, REJECTED)):
       logps = np.asarray(jax.device_get(fn(params, global_batch)), np.float32)
       if packing:  # slot order -> the batch's example order
         index = sharding.to_host(global_batch["example_index"]).reshape(-1)

@@ -13,14 +13,15 @@ import os
 import jax
 
 from rlhi import inputs
+from rlhi import reports
 from rlhi import sharding
-from rlhi.data import pipeline
+from rlhi.data import files
+from rlhi.models import builder
 from rlhi.models import llama
-from rlhi.models import reward as reward_lib
 from rlhi.models import reward_io
+from rlhi.models import reward as reward_lib
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
-from rlhi.train import model_init
 from rlhi.train import objectives
 from rlhi.train import step as step_lib
 
@@ -29,22 +30,22 @@ def run(cfg, workdir: str) -> None:
   """Trains the reward model on `cfg.data.dir`'s pairs; see configs/reward_model.py.
   Call `sharding.initialize_distributed()` first."""
   # ---- Tokenizer and data ------------------------------------------------------------
-  fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_init.tokenizer_name(cfg)),
+  fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(builder.tokenizer_name(cfg)),
                               cfg.data.system_template)
   sets, input_stats = inputs.pair_sets(
-      fmt, cfg.data.dir, [(pipeline.PAIRS, "train", cfg.data.with_persona)] + [
-          (pipeline.PAIRS, s, p) for s in cfg.eval_splits for p in (True, False)],
+      fmt, cfg.data.dir, [(files.PAIRS, "train", cfg.data.with_persona)] + [
+          (files.PAIRS, s, p) for s in cfg.eval_splits for p in (True, False)],
       max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length)
   train_examples = sets.pop(("train", cfg.data.with_persona))
   evals = sets
 
   # ---- Model -------------------------------------------------------------------------
-  mconfig = model_init.model_config(cfg.model)
+  mconfig = builder.model_config(cfg.model)
   lm_abstract = llama.abstract_params(mconfig)
 
   def init_params(shardings):
     mesh = jax.tree.leaves(shardings)[0].mesh
-    lm = model_init.init_llama_params(
+    lm = builder.init_params(
         cfg.model, mconfig, sharding.logical_shardings(lm_abstract, mesh), cfg.seed)
     return jax.jit(lambda p: reward_lib.init_params(mconfig, None, backbone=p),
                    out_shardings=shardings)(lm)
@@ -94,5 +95,5 @@ def write_report(workdir, cfg, final, n_train, input_stats):
       "Held-out users' pairs, scored with the persona in the prompt and without it:", "",
       *loop.held_out_header(["accuracy", "mean margin", "loss"], accuracy="accuracy"),
       *rows, ""])
-  pipeline.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)
+  reports.write_report(workdir, "eval", dict(final) | {"inputs": stats}, md)
 

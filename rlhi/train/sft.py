@@ -13,28 +13,28 @@ import jax
 
 from rlhi import inputs
 from rlhi import sharding
-from rlhi.data import pipeline
+from rlhi.data import files
 from rlhi.data import schema
+from rlhi.models import builder
 from rlhi.models import hf_io
 from rlhi.models import llama
 from rlhi.models import tokenizer as tok_lib
 from rlhi.train import loop
-from rlhi.train import model_init
 from rlhi.train import objectives
 from rlhi.train import step as step_lib
 
 
 def load_examples(cfg, fmt, splits):
   """Tokenized conversations of the users in `splits`, persona in the system slot."""
-  path = lambda name: pipeline.input_path(cfg.data.dir, name)
-  users = schema.read_jsonl(path(pipeline.USERS), schema.User)
+  path = lambda name: files.input_path(cfg.data.dir, name)
+  users = schema.read_jsonl(path(files.USERS), schema.User)
   keep = {u.user_id for u in users if u.split in splits}
-  convs = [c for c in schema.read_jsonl(path(pipeline.CONVERSATIONS), schema.Conversation)
+  convs = [c for c in schema.read_jsonl(path(files.CONVERSATIONS), schema.Conversation)
            if c.user_id in keep]
   personas = {}
   if cfg.data.with_persona:
     personas = {p.user_id: p.to_text() for p in schema.read_jsonl(
-        path(pipeline.PERSONAS), schema.Persona)}
+        path(files.PERSONAS), schema.Persona)}
   examples, stats = inputs.tokenize_conversations(
       fmt, convs, max_length=cfg.data.max_length,
       max_response_length=cfg.data.max_response_length, personas=personas)
@@ -45,13 +45,13 @@ def run(cfg, workdir: str) -> None:
   """SFT of `cfg.model` on the training users' conversations; see configs/sft.py.
   Call `sharding.initialize_distributed()` first."""
   # ---- Tokenizer and data ------------------------------------------------------------
-  tokenizer = tok_lib.load_tokenizer(model_init.tokenizer_name(cfg))
+  tokenizer = tok_lib.load_tokenizer(builder.tokenizer_name(cfg))
   fmt = tok_lib.ChatFormatter(tokenizer, cfg.data.system_template)
   train_examples, _ = load_examples(cfg, fmt, (cfg.data.train_split,))
   val_examples, _ = load_examples(cfg, fmt, ("val",))
 
   # ---- Model, loss, evaluator --------------------------------------------------------
-  mconfig = model_init.model_config(cfg.model)
+  mconfig = builder.model_config(cfg.model)
   loss_fn = objectives.sft_loss(mconfig, cfg.logprob_chunk)
   eval_step = jax.jit(step_lib.make_eval_step(loss_fn))
 
@@ -63,7 +63,7 @@ def run(cfg, workdir: str) -> None:
 
   result = loop.train(cfg, workdir, loop.Task(
       name="sft", loss_fn=loss_fn, abstract_params=llama.abstract_params(mconfig),
-      init_params=lambda s: model_init.init_llama_params(cfg.model, mconfig, s, cfg.seed),
+      init_params=lambda s: builder.init_params(cfg.model, mconfig, s, cfg.seed),
       train_examples=train_examples, pad_id=fmt.pad_id,
       evaluate=evaluate if val_examples else None))
 

@@ -6,8 +6,8 @@ Each round (configs/dpo.py:user_rewards, section `user_rewards`):
      drawn afresh each round (seeded by (seed, round));
   2. sample `num_samples` answers per prompt from the current policy (temperature,
      top-p from the config), persona in the system slot when data.with_persona;
-  3. score every answer with the reward model, which sees the persona (rm_persona=False:
-     the user-agnostic baseline);
+  3. score every answer with the reward model (rlhi.models.scorer), which sees the
+     persona (with_persona=False: the user-agnostic baseline);
   4. best vs worst answer as a pair when their score gap exceeds `margin_threshold`;
   5. DPO (rlhi/train/dpo.py) on those pairs for `total_steps` steps from the current
      policy; the reference is the initial policy or the previous round's
@@ -32,12 +32,12 @@ import jax
 import numpy as np
 
 from rlhi import fileio
+from rlhi import reports
 from rlhi import sharding
-from rlhi.data import pipeline
+from rlhi.data import items as items_lib
 from rlhi.data import schema
-from rlhi.eval import items as items_lib
-from rlhi.eval import judges
 from rlhi.generate import ChatGenerator
+from rlhi.models import scorer as scorer_lib
 from rlhi.train import dpo
 
 PAIRS = "pairs.{split}.jsonl"
@@ -80,14 +80,15 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
                       top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
   del gen  # free the policy before the reward model loads
   t1 = time.perf_counter()
-  judge = judges.RewardModelJudge(
+  scorer = scorer_lib.Scorer(
       ur.reward_model, tokenizer=model_tokenizer(cfg, ur.reward_model),
-      persona=ur.rm_persona, batch_size=cfg.batch_size, max_length=cfg.data.max_length,
-      max_response_length=cfg.data.max_response_length,
-      bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh))
-  scores = score_candidates(judge, [item for item, _ in prompts],
+      with_persona=ur.with_persona, batch_size=cfg.batch_size,
+      max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length,
+      bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh),
+      settings="config.data")
+  scores = score_candidates(scorer, [item for item, _ in prompts],
                             [o.text for o in outs], n)
-  del judge
+  del scorer
   t2 = time.perf_counter()
 
   pairs, records, skipped = [], [], {"below_threshold": 0, "identical": 0,
@@ -138,25 +139,26 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
       for rec in records:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     schema.write_jsonl(os.path.join(rdir, PAIRS.format(split="train")), pairs)
-    pipeline.write_json(os.path.join(rdir, "sampling.json"), stats)
+    reports.write_json(os.path.join(rdir, "sampling.json"), stats)
   return stats
 
 
-def score_candidates(judge: judges.RewardModelJudge, prompts, texts: list[str], n: int
-                     ) -> list[float | str]:
+def score_candidates(scorer: scorer_lib.Scorer, prompts: list[items_lib.EvalItem],
+                     texts: list[str], n: int) -> list[float | str]:
   """The reward model's score of each of the n answers to each prompt (or why not).
 
-  Scored two at a time through the judge's pair scoring, which fits both answers after
-  the same context; prompts were chosen to leave room for any sampled answer, so every
-  candidate of a prompt sees the same, untruncated context.
+  Scored two at a time (scorer rows of two answers, fitted after the same context);
+  prompts were chosen to leave room for any sampled answer, so every candidate of a
+  prompt sees the same, untruncated context.
   """
-  pairs = []
+  rows = []
   for k, item in enumerate(prompts):
     group = texts[k * n:(k + 1) * n]
     group = group + group[-1:] * (len(group) % 2)  # an odd n: the last one twice
-    pairs += [judges.Pair(item, group[j], group[j + 1]) for j in range(0, len(group), 2)]
+    rows += [scorer_lib.Row(item.context, item.persona, (group[j], group[j + 1]))
+             for j in range(0, len(group), 2)]
   flat = []
-  for scored in judge.score_pairs(pairs):
+  for scored in scorer.score(rows):
     flat += [scored, scored] if isinstance(scored, str) else list(scored)
   return [s for k in range(len(prompts)) for s in flat[k * (n + n % 2):][:n]]
 
@@ -191,6 +193,9 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
   if ur.reference not in ("initial", "previous"):
     raise ValueError(f"config.user_rewards.reference={ur.reference!r}; expected "
                      f"'initial' or 'previous'")
+  if not ur.reward_model:
+    raise ValueError("config.user_rewards.reward_model is empty: set it to a "
+                     "reward-model directory (e.g. <train_reward workdir>/reward_model)")
   if ur.num_samples < 2:
     raise ValueError(f"config.user_rewards.num_samples={ur.num_samples}: best vs worst "
                      f"needs at least 2")
@@ -224,7 +229,7 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
     stats = dict(stats) | {"policy_after": after, "dpo": dpo_metrics}
     stats["seconds"] = dict(stats["seconds"]) | {"training": time.perf_counter() - t0}
     if sharding.is_main_process():
-      pipeline.write_json(done, stats)
+      reports.write_json(done, stats)
     rounds.append(stats)
     policy = after
   if sharding.is_main_process():
@@ -257,7 +262,7 @@ def write_report(workdir: str, cfg, rounds: list[dict[str, Any]]) -> None:
   md = "\n".join([
       "# User-Based Rewards", "",
       f"Start: {cfg.model.init}; reward model: {ur.reward_model} "
-      f"({'persona-aware' if ur.rm_persona else 'user-agnostic: no persona'}); "
+      f"({'persona-aware' if ur.with_persona else 'user-agnostic: no persona'}); "
       f"{ur.num_samples} samples per prompt (temperature {ur.temperature}, top-p "
       f"{ur.top_p}); pairs when best - worst > {ur.margin_threshold}; reference: "
       f"{ur.reference} policy; {cfg.total_steps} DPO steps per round.", "",
@@ -267,4 +272,4 @@ def write_report(workdir: str, cfg, rounds: list[dict[str, Any]]) -> None:
       "| round | prompts | samples | pairs | score mean | spread | pair gap | DPO loss | "
       "reward acc | margin |",
       "|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
-  pipeline.write_report(workdir, "user_rewards", {"rounds": rounds}, md)
+  reports.write_report(workdir, "user_rewards", {"rounds": rounds}, md)

@@ -12,6 +12,8 @@ Every test user and turn is accounted for: kept, or skipped with a reason (no pe
 caps) that the report counts. A history conversation in an item, or a target conversation
 among a persona's sources, is a data leak and raises.
 
+The data layer builds them (jax-free) so that both evaluation (UserEval) and
+training (user-based rewards' prompts, from training users) can read them.
 This module never imports jax.
 """
 
@@ -22,7 +24,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from rlhi.data import pipeline
+from rlhi.data import files
 from rlhi.data import schema
 
 TURN_TYPES = ("initial", "follow_up")
@@ -65,13 +67,13 @@ def load_items(data_dir: str, *, max_items: int = 0, max_turns_per_user: int = 0
   """
   if split not in schema.SPLITS:
     raise ValueError(f"usereval: split {split!r} is not one of {schema.SPLITS}")
-  paths = {name: pipeline.input_path(data_dir, name) for name in
-           (pipeline.CONVERSATIONS, pipeline.USERS, pipeline.PERSONAS)}
+  paths = {name: files.input_path(data_dir, name) for name in
+           (files.CONVERSATIONS, files.USERS, files.PERSONAS)}
   conversations = {c.conversation_hash: c for c in schema.read_jsonl(
-      paths[pipeline.CONVERSATIONS], schema.Conversation)}
-  users = [u for u in schema.read_jsonl(paths[pipeline.USERS], schema.User)
+      paths[files.CONVERSATIONS], schema.Conversation)}
+  users = [u for u in schema.read_jsonl(paths[files.USERS], schema.User)
            if u.split == split]
-  personas = {p.user_id: p for p in schema.read_jsonl(paths[pipeline.PERSONAS],
+  personas = {p.user_id: p for p in schema.read_jsonl(paths[files.PERSONAS],
                                                       schema.Persona)}
 
   skipped: collections.Counter[str] = collections.Counter()
@@ -79,14 +81,14 @@ def load_items(data_dir: str, *, max_items: int = 0, max_turns_per_user: int = 0
   users_without_persona = 0
   for user in sorted(users, key=lambda u: u.user_id):
     persona = personas.get(user.user_id)
-    _check_no_leak(user, persona, paths[pipeline.PERSONAS])
+    _check_no_leak(user, persona, paths[files.PERSONAS])
     turns = []
     for h in user.targets:
       conv = conversations.get(h)
       if conv is None:
-        raise ValueError(f"{paths[pipeline.USERS]}: user {user.user_id} lists target "
+        raise ValueError(f"{paths[files.USERS]}: user {user.user_id} lists target "
                          f"conversation {h} that is not in "
-                         f"{paths[pipeline.CONVERSATIONS]}; re-run the ingest stage")
+                         f"{paths[files.CONVERSATIONS]}; re-run the ingest stage")
       turns.extend(_turns(conv, persona))
     if persona is None:
       users_without_persona += 1
