@@ -255,15 +255,21 @@ def test_reference_cache_reused_only_for_the_same_inputs(fmt, sample_examples, t
 
 
 def _dpo_steps(mesh, accum, fmt, examples, steps=2):
-  opt = optax.sgd(0.5)  # see test_training: Adam would amplify rounding differences
   ref = _params(2)
   chosen, rejected = reference.compute(ref, CONFIG, examples[:8], mesh=mesh,
                                        batch_size=8, pad_id=fmt.pad_id,
                                        bucket_lengths=(512,), chunk=64)
   batch = _with_ref(_batch(examples, fmt), chosen, rejected)
   batch["valid"][-1] = False  # a padding row counts for nothing
+  return dpo_train_steps(mesh, accum, batch, steps=steps, chunk=64)
+
+
+def dpo_train_steps(mesh, accum, batch, *, steps=2, chunk=64):
+  """`steps` SGD steps of sigmoid + 0.1 sft DPO from `_params(1)` on `batch` (plain or
+  packed, with reference log-probs) on `mesh`: (final params, metrics per step)."""
+  opt = optax.sgd(0.5)  # see test_training: Adam would amplify rounding differences
   loss_fn = objectives.dpo_loss(CONFIG, loss_type=("sigmoid", "sft"),
-                                loss_weights=(1.0, 0.1), beta=0.2, chunk=64)
+                                loss_weights=(1.0, 0.1), beta=0.2, chunk=chunk)
   with sharding.use_mesh(mesh):
     abstract = jax.eval_shape(lambda: step_lib.init_state(llama.abstract_params(CONFIG),
                                                           opt, 0))

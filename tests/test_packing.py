@@ -8,7 +8,6 @@ which tests/test_dpo.py checks against full logits.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from rlhi import inputs
@@ -18,9 +17,9 @@ from rlhi.models import reward
 from rlhi.train import objectives
 from rlhi.train import reference
 from rlhi.train import step as step_lib
+from tests import test_dpo
 
-CONFIG = llama.get_config("tiny", hidden_size=64, intermediate_size=128, num_layers=2,
-                          num_heads=4, num_kv_heads=2, head_dim=16)
+CONFIG = test_dpo.CONFIG  # its DPO train steps run here on packed batches
 BUCKETS = (64, 128)
 
 
@@ -239,38 +238,19 @@ def test_packed_sft_equals_unpacked():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-3, atol=1e-5)
 
 
-def _dpo_steps(mesh, accum, batch, steps=2):
-  opt = optax.sgd(0.5)
-  loss_fn = objectives.dpo_loss(CONFIG, loss_type=("sigmoid", "sft"),
-                                loss_weights=(1.0, 0.1), beta=0.2, chunk=32)
-  with sharding.use_mesh(mesh):
-    abstract = jax.eval_shape(lambda: step_lib.init_state(llama.abstract_params(CONFIG),
-                                                          opt, 0))
-    shardings = sharding.logical_shardings(abstract, mesh)
-    state = jax.jit(lambda p: step_lib.init_state(p, opt, 0),
-                    out_shardings=shardings)(_params(1))
-    step = jax.jit(step_lib.make_train_step(loss_fn, opt, accum),
-                   out_shardings=(shardings, None))
-    out = []
-    for _ in range(steps):
-      state, m = step(state, sharding.global_batch(batch, mesh))
-      out.append({k: float(v) for k, v in m.items()})
-  return jax.device_get(state.params), out
-
-
 def test_packed_train_steps_with_accumulation_on_8_devices_equal_unpacked():
   examples = _ragged_pairs(16, seed=1)
   examples[-1] = dict(examples[-1])
   plain = inputs.pad_batch(examples[:15], batch_size=16, pad_id=0,
                            bucket_lengths=BUCKETS)  # one padding row
-  p1, m1 = _dpo_steps(_one_device_mesh(), 1, plain)
+  p1, m1 = test_dpo.dpo_train_steps(_one_device_mesh(), 1, plain, chunk=32)
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   multiple = sharding.row_multiple(mesh, accum_steps=2)
   assert multiple == 8  # 4 batch shards x 2 microbatches, one process
   packed = inputs.pack_batch(examples[:15], pad_id=0, bucket_lengths=BUCKETS,
                              row_multiple=multiple, score_positions=True)
   assert packed["tokens"].shape[0] == 8
-  p8, m8 = _dpo_steps(mesh, 2, packed)
+  p8, m8 = test_dpo.dpo_train_steps(mesh, 2, packed, chunk=32)
   for a, b in zip(m1, m8):
     for k in ("loss", "denominator", "rewards/accuracies", "rewards/margins",
               "logps/chosen", "kl_proxy"):
