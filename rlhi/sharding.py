@@ -212,6 +212,11 @@ def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[Mesh]:
     yield mesh
 
 
+def current_rules() -> Rules:
+  """The rules `use_mesh` set (DEFAULT_RULES outside it)."""
+  return tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
+
+
 # ---------------------------------------------------------------------------
 # Multi-host: initialisation, global batches, process 0.
 # ---------------------------------------------------------------------------

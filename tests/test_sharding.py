@@ -165,3 +165,32 @@ def test_sharding_rules_from_the_config(tmp_path):
     layouts[name] = result.state.params["w"].sharding.spec
   assert layouts["default"] == jax.sharding.PartitionSpec("fsdp")
   assert layouts["replicated"] == jax.sharding.PartitionSpec(None)
+
+
+def test_batches_and_reference_follow_the_rules_in_context():
+  """inputs.host_batches shards rows as the rules that `use_mesh` set say (evaluation
+  inside the training loop); reference.compute under other rules gives the same
+  log-probs."""
+  from rlhi import inputs as inputs_lib  # pylint: disable=g-import-not-at-top
+  from rlhi.train import reference  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  rng = np.random.default_rng(0)
+  examples = [dict(prompt_ids=rng.integers(1, 500, 5), chosen_ids=rng.integers(1, 500, 3),
+                   rejected_ids=rng.integers(1, 500, 4), pair_id=str(i), user_id="u")
+              for i in range(8)]
+  custom = (("batch", "data"),)
+  specs = {}
+  for name, rules in (("default", sharding.DEFAULT_RULES), ("custom", custom)):
+    with sharding.use_mesh(mesh, rules):
+      batch, _ = next(inputs_lib.host_batches(examples, batch_size=8, pad_id=0,
+                                              bucket_lengths=(16,), mesh=mesh))
+    specs[name] = batch["chosen_tokens"].sharding.spec[0]
+  assert specs == {"default": ("data", "fsdp"), "custom": "data"}
+
+  params = llama.init_params(CONFIG, jax.random.key(1))
+  args = dict(mesh=mesh, batch_size=8, pad_id=0, bucket_lengths=(16,), chunk=16)
+  want = reference.compute(params, CONFIG, examples, **args)
+  got = reference.compute(params, CONFIG, examples, rules=custom + sharding.DEFAULT_RULES,
+                          **args)
+  for w, g in zip(want, got):
+    np.testing.assert_allclose(g, w, rtol=1e-5)

@@ -425,13 +425,13 @@ def host_batches(examples: Sequence[Example], *, batch_size: int, pad_id: int,
   reward-model scores): each process batches its own rows of each global batch of
   `batch_size` examples (`make_batches`; at least one row per process), and
   `sharding.global_batch` makes them global arrays on `mesh` (None: the mesh in
-  context) with `rules` (None: sharding.DEFAULT_RULES). The last batch is completed
+  context) with `rules` (None: the rules in context, `sharding.current_rules()`). The last batch is completed
   with padding rows (valid=False). The host batch keeps what stays on the host
   (metadata strings). `exclude`: host columns not sent to the devices.
   """
   import jax  # pylint: disable=g-import-not-at-top  (this module is jax-free otherwise)
   from rlhi import sharding  # pylint: disable=g-import-not-at-top
-  rules = sharding.DEFAULT_RULES if rules is None else rules
+  rules = sharding.current_rules() if rules is None else rules
   n_proc = jax.process_count()
   row_multiple = 1
   if packing:

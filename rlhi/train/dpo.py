@@ -82,9 +82,11 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
   ref_model = reference_model_cfg(cfg)
   ref_config = builder.model_config(ref_model)
   mesh = mesh or sharding.make_mesh(dict(cfg.mesh))
+  rules = sharding.rules_from_config(cfg.get("sharding_rules", ()))
   ref_params = builder.init_params(
       ref_model, ref_config,
-      sharding.logical_shardings(llama.abstract_params(ref_config), mesh), cfg.seed)
+      sharding.logical_shardings(llama.abstract_params(ref_config), mesh, rules),
+      cfg.seed)
   options = loss_options(cfg)
   live = cfg.reference.mode == "live"
   if live:
@@ -97,7 +99,7 @@ def run(cfg, workdir: str, mesh: jax.sharding.Mesh | None = None) -> loop.TrainR
         params_fp=reference.params_fingerprint(ref_params), mesh=mesh,
         batch_size=cfg.batch_size, pad_id=fmt.pad_id,
         bucket_lengths=cfg.data.bucket_lengths, chunk=cfg.logprob_chunk,
-        packing=bool(cfg.data.get("packing", False)))
+        packing=bool(cfg.data.get("packing", False)), rules=rules)
     result = reference.cached(ref_params, ref_config, train_examples, **cache_args)
     logging.info("reference log-probs for %d train pairs: %s (%s)", len(train_examples),
                  result.path, "reused" if result.reused else "computed")

@@ -98,23 +98,27 @@ def jitted_logps(config: llama.LlamaConfig, mesh: jax.sharding.Mesh, chunk: int 
 def compute(params: Any, config: llama.LlamaConfig,
             examples: Sequence[Mapping[str, Any]], *, mesh: jax.sharding.Mesh,
             batch_size: int, pad_id: int, bucket_lengths: Sequence[int],
-            chunk: int = 256, packing: bool = False) -> tuple[np.ndarray, np.ndarray]:
+            chunk: int = 256, packing: bool = False, rules: sharding.Rules | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
   """Summed response log-probs of chosen and rejected under `params`: float32[N] each.
 
   One pass over the examples in order, batch-sharded on `mesh` like a train step; every
   process gets the full arrays. With `packing` the batches are packed (a pair's prompt
   once for both responses; rlhi/inputs/batches.py `pack`): the same values up to float32
-  rounding, in fewer tokens.
+  rounding, in fewer tokens. `rules` (default sharding.DEFAULT_RULES) shard the batches
+  and activations, as `config.sharding_rules` shard training's.
   """
+  rules = sharding.DEFAULT_RULES if rules is None else rules
   n_proc = jax.process_count()
   if batch_size % n_proc:
     raise ValueError(f"batch_size {batch_size} must be divisible by {n_proc} processes")
   fn = jitted_logps(config, mesh, chunk)
   out = []
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh, rules):
     for global_batch, _ in inputs.host_batches(
         examples, batch_size=batch_size, pad_id=pad_id, bucket_lengths=bucket_lengths,
-        mesh=mesh, packing=packing, score_positions=True, exclude=(CHOSEN, REJECTED)):
+        mesh=mesh, rules=rules, packing=packing, score_positions=True,
+        exclude=(CHOSEN, REJECTED)):
       logps = np.asarray(jax.device_get(fn(params, global_batch)), np.float32)
       if packing:  # slot order -> the batch's example order
         index = sharding.to_host(global_batch["example_index"]).reshape(-1)
