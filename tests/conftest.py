@@ -15,10 +15,10 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def pytest_collection_modifyitems(config, items):
-  """Tests marked slow (each a minute or more on 2 cores: subprocess runs, kills and
-  resumes, two processes, the notebook) run when RLHI_SLOW_TESTS=1 (.ci/run sets it)
-  or when selected with -m slow; otherwise they are skipped, so that the README test
-  command stays well under 15 minutes on a laptop."""
+  """Tests marked slow (20 s or more each on 2 cores: subprocess runs, kills and
+  resumes, two processes, end-to-end training, the notebook) run when
+  RLHI_SLOW_TESTS=1 (.ci/run sets it) or when selected with -m slow; otherwise they are
+  skipped, so that the README test command stays under 10 minutes on 2 cores."""
   if os.environ.get("RLHI_SLOW_TESTS") == "1" or "slow" in (config.option.markexpr or ""):
     return
   skip = pytest.mark.skip(reason="slow: set RLHI_SLOW_TESTS=1 (CI does) or -m slow")

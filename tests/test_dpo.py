@@ -319,6 +319,7 @@ def _distinguishable_pairs(fmt, n, seed):
   return ex
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_dpo_learns_a_systematic_preference(fmt):
   mesh = _one_device_mesh()
   train, held_out = _distinguishable_pairs(fmt, 64, 0), _distinguishable_pairs(fmt, 16, 1)

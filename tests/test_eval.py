@@ -488,6 +488,7 @@ def _hash_choice(body):
   return json.dumps(out)
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_evaluate_cli_end_to_end(data_dir, checkpoint, reward_model, tmp_path):
   rm_path, *_ = reward_model
   workdir = tmp_path / "eval"
@@ -624,6 +625,7 @@ def test_evaluate_on_two_processes_equals_one(data_dir, checkpoint, reward_model
     assert m1[k] == pytest.approx(m2[k], rel=1e-5, abs=1e-5), k
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_train_reward_exports_a_model_that_evaluates_as_in_training(data_dir, tmp_path):
   """train_reward's export, loaded by reward_io, reproduces training's own eval."""
   workdir = tmp_path / "rm"

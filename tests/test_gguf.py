@@ -549,6 +549,7 @@ def test_smollm2_export_loads_in_transformers(smollm2, hf_smollm2, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_chat_keeps_history_drops_the_oldest_exchange_and_resets(tiny):
   """generate.Chat (experiments/chat.py): each reply is the generator's reply to the
   whole history; an exchange that no longer fits the context is dropped first."""

@@ -69,6 +69,7 @@ def test_local_backend_greedy_equals_an_argmax_rollout(checkpoint):
     assert res.prompt_tokens == len(prompt)
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_a_data_stage_runs_on_the_local_model(checkpoint, tmp_path):
   path, *_ = checkpoint
   cfg = data_prep.get_config("sample")

@@ -319,6 +319,7 @@ def test_sigterm_passes_to_the_run_and_marks_it_interrupted(fake):
 
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_real_sweep_of_two_sft_runs(tmp_path, data_dir):
   config = tmp_path / "sft_two.py"
   config.write_text("from configs.sft import get_config  # noqa: F401\n\n"

@@ -169,6 +169,7 @@ def _persona_task(n, seed):
   return out
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_persona_reward_model_learns_and_ablation_stays_at_chance():
   config = llama.get_config("tiny", hidden_size=64, intermediate_size=128, num_layers=2,
                             num_heads=4, num_kv_heads=2, head_dim=16)

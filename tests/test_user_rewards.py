@@ -73,6 +73,7 @@ def _hf_params(path):
   return safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
 
 
+@pytest.mark.slow  # 20-90 s on 2 cores; CI runs it
 def test_one_round_makes_margin_pairs_and_changes_the_policy(setup, tmp_path):
   data, policy, rm = setup
   cfg = _config(data, policy, rm)
