@@ -66,9 +66,14 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 _SIZES = {
     name: dict(batch_size=s.train.batch_size, mesh=dict(s.train.mesh),
                remat=s.train.remat_policy, max_length=s.train.max_length,
-               buckets=tuple(s.train.bucket_lengths))
+               buckets=tuple(s.train.bucket_lengths), weights=s.weights)
     for name, s in families.named_sizes().items()
 }
+
+
+# Sizes meant for a CPU (the demo's, tests'): their configs default to CPU-sized
+# generation and data budgets.
+CPU_SIZES = ("tiny", "small", "smollm2")
 
 
 def parse_model_arg(arg: str | None, **defaults: Any
@@ -93,13 +98,17 @@ def train_config(model: str, *, steps: int, lr: float) -> ml_collections.ConfigD
   config.seed = 0
   config.model = ml_collections.ConfigDict(dict(
       name=model,  # a named size (rlhi/models/families/, llama.get_config)
-      init="",  # '' random; or an HF checkpoint dir (also what rlhi runs export)
+      # '' random; or what rlhi.models.sources resolves: a registered name (smollm2),
+      # a .gguf file, an HF checkpoint dir (also what rlhi runs export). A released
+      # size (smollm2) starts from its own weights.
+      init=size["weights"],
       remat_policy=size["remat"],
       scan_layers=True,
       # LlamaConfig fields to change: 'num_layers=2,hidden_size=64' (a smaller test
       # model, say); applied to the named size or to the HF checkpoint's config.
       overrides="",
   ))
+  # '' = the tokenizer of model.init (saved beside an HF checkpoint, inside a GGUF).
   config.tokenizer = "bundled" if model in ("tiny", "small") else ""
   config.data = ml_collections.ConfigDict(dict(
       dir="/tmp/rlhi_demo/data",  # the data-prep workdir

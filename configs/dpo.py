@@ -17,7 +17,7 @@ Variants:
   user_rewards         online rounds: sample, score with the reward model, DPO on best
                        vs worst (experiments/user_rewards.py); rounds=N
   live                 reference log-probs computed every step instead of cached
-  a model size         tiny | small | llama3_1b | llama3_8b | llama3_70b | qwen2_7b
+  a model size         tiny | small | smollm2 | llama3_1b | llama3_8b | llama3_70b | qwen2_7b
   steps=N
 
 The policy starts from `model.init` (an HF dir: the SFT export, a released model, or
@@ -46,7 +46,8 @@ def get_config(arg=None):
                      "user_rewards")
   config = common.train_config(
       model, steps=arg.steps or 150,
-      lr=5e-5 if model == "tiny" else 1e-5 if model == "small" else 5e-7)
+      # smollm2: a released instruct model tuned for a few dozen steps on CPU.
+      lr={"tiny": 5e-5, "small": 1e-5, "smollm2": 5e-6}.get(model, 5e-7))
   config.data.with_persona = not arg.rewrites_no_persona
   # Train and eval pairs, relative to data.dir (or absolute); {split} is filled in.
   config.data.pairs = "pairs_rewrites.{split}.jsonl"
@@ -78,9 +79,9 @@ def get_config(arg=None):
       # baseline).
       with_persona=True,
       reference="initial",  # initial | previous: DPO reference of each round
-      prompts_per_round=64 if model in ("tiny", "small") else 2048,
+      prompts_per_round=64 if model in common.CPU_SIZES else 2048,
       num_samples=4, temperature=0.6, top_p=0.9,  # the paper's sampling settings
-      max_new_tokens=128 if model in ("tiny", "small") else 1024,
+      max_new_tokens=128 if model in common.CPU_SIZES else 1024,
       margin_threshold=0.1,
       generation_batch_size=32,
   )

@@ -94,6 +94,11 @@ def get_config(arg=None):
       batch_size=8,
       max_prompt_tokens=0,  # 0: the model's max_position_embeddings - max_new_tokens
   ))
+  # Other UserEval runs (their workdirs, or usereval_generations.jsonl files) whose
+  # answers are reused where a system's fingerprint (checkpoint, weights, persona,
+  # generation settings) matches: a system compared several times is generated once.
+  # Single-process runs only (multi-host runs regenerate).
+  config.reuse_answers_from = ()
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   # ---- Judge -------------------------------------------------------------------------

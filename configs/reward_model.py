@@ -12,7 +12,7 @@ From a released model on a TPU slice (same command on every worker):
       --config.model.init=/path/to/Llama-3.1-8B-Instruct \
       --config.data.dir=gs://bucket/rlhi/data --workdir gs://bucket/rlhi/reward
 
-Variants: a model size (tiny | small | llama3_1b | llama3_8b | llama3_70b | qwen2_7b);
+Variants: a model size (tiny | small | smollm2 | llama3_1b | llama3_8b | llama3_70b | qwen2_7b);
 no_persona (the ablation: the persona is left out of training); steps=N.
 The eval report gives accuracy on held-out users' pairs with and without the persona.
 """
@@ -22,8 +22,8 @@ from configs import common
 
 def get_config(arg=None):
   arg, model = common.parse_model_arg(arg, no_persona=False, steps=0)
-  config = common.train_config(model, steps=arg.steps or 200, lr=1e-4 if model in (
-      "tiny", "small") else 2e-6)
+  config = common.train_config(model, steps=arg.steps or 200, lr={
+      "tiny": 1e-4, "small": 1e-4, "smollm2": 1e-5}.get(model, 2e-6))
   config.data.with_persona = not arg.no_persona
   config.loss = dict(
       margin=0.0,  # required gap r_chosen - r_rejected (Llama 2 RM)

@@ -4,6 +4,7 @@ import pytest
 
 from configs import common
 from configs import data_prep
+from configs import dpo
 from configs import reward_model
 from configs import sft
 from rlhi.models import builder
@@ -43,3 +44,35 @@ def test_model_overrides():
       "num_layers": 2, "dtype": "bfloat16"}
   with pytest.raises(ValueError, match="LlamaConfig field"):
     builder.parse_overrides("num_layer=2")
+
+
+def test_smollm2_size_starts_from_the_released_weights():
+  # A released size trains from its own weights and tokenizer unless told otherwise.
+  for module, arg in ((sft, "smollm2"), (reward_model, "smollm2"),
+                      (dpo, "rewrites,smollm2")):
+    cfg = module.get_config(arg)
+    assert cfg.model.init == "smollm2" and cfg.tokenizer == "", module
+  assert sft.get_config("tiny").model.init == ""
+
+
+def test_sft_on_rewrites_learns_exactly_the_chosen_answers(data_dir):
+  # pylint: disable=g-import-not-at-top
+  from rlhi.data import files
+  from rlhi.data import schema
+  from rlhi.models import tokenizer as tok_lib
+  from rlhi.train import sft as sft_train
+  cfg = sft.get_config("tiny,rewrites")
+  cfg.data.dir = data_dir
+  cfg.data.max_length, cfg.data.max_response_length = 4096, 2048
+  tok = tok_lib.load_tokenizer("bundled")
+  fmt = tok_lib.ChatFormatter(tok, cfg.data.system_template)
+  pairs = schema.read_jsonl(f"{data_dir}/{files.PAIRS.format(split='train')}",
+                            schema.PreferencePair)
+  examples, stats = sft_train.load_examples(cfg, fmt, ("train",))
+  assert len(examples) == len(pairs) > 0 and stats.num_dropped == 0
+  for ex, pair in zip(examples, pairs):
+    target = ex["tokens"][ex["loss_mask"] == 1]
+    # The chosen answer and the end-of-turn token(s), nothing of the prompt.
+    assert tok.decode(target.tolist(), skip_special_tokens=True).strip() == \
+        pair.chosen.strip()
+    assert pair.persona.splitlines()[0] in tok.decode(ex["tokens"].tolist())

@@ -473,6 +473,37 @@ def test_usereval_with_the_reward_model_judge(data_dir, reward_model, tmp_path):
   assert "judged once" in md and "judged in both orders" not in md
 
 
+def test_answers_of_another_run_are_reused_when_the_system_matches(
+    data_dir, checkpoint, reward_model, tmp_path):
+  path, *_ = reward_model
+  answers = str(tmp_path / "answers.jsonl")
+  _answers_file(answers, data_dir, 4)
+
+  def run(name, persona, reuse=()):
+    cfg = eval_config.get_config(f"judge=reward_model,b=answers,max_items=4,rm={path}")
+    cfg.data.dir, cfg.n_boot = data_dir, 200
+    cfg.systems.a = cfg.systems.b.copy_and_resolve_references()
+    cfg.systems.b.path = answers
+    cfg.systems.a.update(kind="checkpoint", path=checkpoint, with_persona=persona)
+    cfg.generation.max_new_tokens = 8
+    cfg.judge.reward_model.max_length = 4096
+    cfg.judge.reward_model.bucket_lengths = (1024, 4096)
+    cfg.reuse_answers_from = reuse
+    report = usereval.run_usereval(cfg, str(tmp_path / name))
+    texts = {r["item_id"]: r["text"] for r in
+             _jsonl(tmp_path / name / usereval.GENERATIONS_FILE) if r["system"] == "a"}
+    return report["generation"]["systems"]["a"], texts
+
+  first, texts = run("first", True)
+  assert first["answered"] == 4 and first["reused"] == 0
+  # The same checkpoint, persona and settings: every answer comes from the first run.
+  again, texts_again = run("again", True, reuse=(str(tmp_path / "first"),))
+  assert again["answered"] == 4 and again["reused"] == 4 and texts_again == texts
+  # Without the persona it is another system: nothing to reuse.
+  other, _ = run("other", False, reuse=(str(tmp_path / "first"),))
+  assert other["answered"] == 4 and other["reused"] == 0
+
+
 # ----------------------------------------------------------------------------------------
 # CI: experiments/evaluate.py as a launch script runs it.
 # ----------------------------------------------------------------------------------------

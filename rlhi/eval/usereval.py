@@ -117,8 +117,13 @@ def run_usereval(cfg, workdir: str) -> dict[str, Any]:
   rejects: list[schema.Reject] = []
   previous: list[dict[str, Any]] = []
   if n_proc == 1:  # Resuming needs every process to see the same file; one does.
-    previous, bad = systems_lib.read_records(path(GENERATIONS_FILE))
-    rejects += bad
+    # This run's own answers first, then other runs' (config.reuse_answers_from): a
+    # system whose fingerprint matches is not generated again.
+    for source in (workdir, *cfg.get("reuse_answers_from", ())):
+      records, bad = systems_lib.read_records(
+          os.path.join(source, GENERATIONS_FILE) if fileio.isdir(source) else source)
+      previous += records
+      rejects += bad
   answerer = systems_lib.Answerer(gen, dict(cfg.mesh))
   answers, gen_report = {}, {}
   for k, system in systems.items():

