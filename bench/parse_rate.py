@@ -12,16 +12,23 @@ the bundled sample against a running OpenAI-compatible server.
     python bench/parse_rate.py --base_url http://127.0.0.1:8001/v1 --model smollm2 \
         --modes none,json_object,json_object_schema
 
+    # rlhi's own sampler in this process (backend='local'; no constrained decoding)
+    python bench/parse_rate.py --backend local --checkpoint smollm2 --modes none
+
 `/tmp/smollm2_hf` is SmolLM2 exported by rlhi (`python bench/parse_rate.py
 --export_smollm2 /tmp/smollm2_hf`). Per mode: items asked, parsed at the first answer,
 parsed after the one re-ask, rejected, and the most common kind of failure with the
-model's answer, as markdown.
+model's answer, as markdown. Rewrites (free text, not JSON) are asked for the first
+`--rewrites` actionable target follow-ups with the sample's hand-written labels and
+personas, so that their rate does not depend on classify's; "parsed" there means the
+rewrite passed the stage's checks (rlhi/data/rewrites.py quality_reason).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
 import pathlib
 import sys
@@ -37,6 +44,7 @@ from configs import data_prep
 from rlhi.data import classify
 from rlhi.data import client as client_lib
 from rlhi.data import persona
+from rlhi.data import rewrites
 from rlhi.data import files
 from rlhi.data import pipeline
 from rlhi.data import prompting
@@ -90,6 +98,9 @@ def main():
   p.add_argument("--modes", default="none,json_object,json_schema")
   p.add_argument("--follow_ups", type=int, default=24, help="classify items")
   p.add_argument("--users", type=int, default=4, help="persona items")
+  p.add_argument("--rewrites", type=int, default=0, help="rewrite items")
+  p.add_argument("--backend", default="openai", choices=("openai", "local"))
+  p.add_argument("--checkpoint", default="smollm2", help="--backend local: the model")
   p.add_argument("--export_smollm2", default="",
                  help="write SmolLM2 as an HF directory here, then exit")
   a = p.parse_args()
@@ -98,11 +109,17 @@ def main():
     return
   with tempfile.TemporaryDirectory() as sample:
     cfg = data_prep.get_config("sample")
-    for stage in ("ingest", "classify"):
+    for stage in ("ingest", "classify", "persona"):  # reference annotations
       pipeline.run_stage(stage, cfg, sample)
     conversations = schema.read_jsonl(os.path.join(sample, files.CONVERSATIONS),
                                       schema.Conversation)
     users = schema.read_jsonl(os.path.join(sample, files.USERS), schema.User)
+    follow_ups = schema.read_jsonl(os.path.join(sample, files.FOLLOW_UPS),
+                                   schema.FollowUp)
+    personas = {p.user_id: p for p in schema.read_jsonl(
+        os.path.join(sample, files.PERSONAS), schema.Persona)}
+  to_rewrite = [f for f in follow_ups if f.actionable and f.part == "target"
+                ][:a.rewrites]
   # Conversations until `follow_ups` follow-ups; users with enough history.
   chosen, n = [], 0
   for c in conversations:
@@ -115,12 +132,21 @@ def main():
   pcfg = persona.PersonaConfig.from_config(dict(
       defaults.persona.to_dict(), max_conversations=4, max_chars_per_conversation=1500))
   with_history = [u for u in users if len(u.history) >= pcfg.min_history][:a.users]
+  rcfg = rewrites.RewriteConfig.from_config(defaults.rewrites.to_dict())
+  if a.backend == "local":
+    importlib.import_module("rlhi.local_backend")  # registers backend='local' (jax)
 
   rows = []
   for mode in a.modes.split(","):
     client_cfg = client_lib.default_config()
     client_cfg.base_url, client_cfg.model = a.base_url, a.model
-    client_cfg.structured_output, client_cfg.timeout_s = mode, 600.0
+    client_cfg.backend, client_cfg.checkpoint = a.backend, a.checkpoint
+    if a.backend == "local":
+      mode = "none (local)"  # rlhi's sampler does not constrain decoding
+      client_cfg.structured_output = "none"
+    else:
+      client_cfg.structured_output = mode
+    client_cfg.timeout_s = 600.0
     client_cfg.concurrency = 1
     t0 = time.perf_counter()
     with Counting(client_lib.make_client(client_cfg)) as client:
@@ -134,6 +160,13 @@ def main():
       rows.append(row("persona", mode, client.keys,
                       {persona.item_key(c.user_id): c for c in cards},
                       {persona.item_key(k): v for k, v in failed.items()}))
+      if to_rewrite:
+        client.keys = []
+        pairs, failed = rewrites.make_pairs(client, to_rewrite, conversations,
+                                            personas, rcfg)
+        rows.append(row("rewrites", mode, client.keys,
+                        {rewrites.item_key(p.conversation_hash, p.message_index + 1): p
+                         for p in pairs}, failed))
       stats = client.inner.stats()
     print(f"{mode}: {time.perf_counter() - t0:.0f} s, {stats['sent']} requests, "
           f"{stats['completion_tokens']} completion tokens", flush=True)

@@ -1,8 +1,11 @@
 r"""Persona-conditioned DPO of the policy on user-guided rewrite pairs.
 
-On the demo's data (after data preparation and SFT into /tmp/rlhi_demo):
+On the demo's data (after data preparation into /tmp/rlhi_demo/data), from the
+instruct model, or from an SFT warm start of the tiny model:
 
-  python -m experiments.train_dpo --config configs/dpo.py:rewrites \
+  python -m experiments.train_dpo --config configs/dpo.py:rewrites,smollm2 \
+      --workdir /tmp/rlhi_demo/dpo
+  python -m experiments.train_dpo --config configs/dpo.py:rewrites,tiny \
       --config.model.init=/tmp/rlhi_demo/sft/hf --workdir /tmp/rlhi_demo/dpo
 
 On a TPU slice, from the SFT policy (same command on every worker; tpu/README.md):
@@ -20,8 +23,9 @@ Variants:
   a model size         tiny | small | smollm2 | llama3_1b | llama3_8b | llama3_70b | qwen2_7b
   steps=N
 
-The policy starts from `model.init` (an HF dir: the SFT export, a released model, or
-'' for a random init of the named size); the reference model is `reference.init`, by
+The policy starts from `model.init` (an HF dir: the SFT export, a released model; a
+.gguf file or a registered name; '' for a random init of the named size; `smollm2`
+defaults to SmolLM2-135M-Instruct's weights); the reference model is `reference.init`, by
 default the same checkpoint. Reference log-probs are computed once, in a sharded pass,
 and cached in `reference.cache_dir` (default <workdir>/reference_logps) under a hash of
 (reference params, model config, tokenized data, tokenizer, template): a later run with

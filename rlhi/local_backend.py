@@ -62,6 +62,10 @@ class LocalClient(client_lib.InferenceClient):
                 key=requests[i].key, text=None,
                 error=f"local generation failed: {type(e).__name__}: {detail}"))
           continue
+        # As a server's usage: the stage reports and stats() count the tokens spent.
+        self._count(sent=len(batch),
+                    prompt_tokens=sum(g.prompt_tokens for g in gens),
+                    completion_tokens=sum(g.completion_tokens for g in gens))
         for i, g in zip(batch, gens):
           on_result(i, client_lib.ChatResult(
               key=requests[i].key, text=g.text, prompt_tokens=g.prompt_tokens,

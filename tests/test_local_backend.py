@@ -59,6 +59,11 @@ def test_local_backend_greedy_equals_an_argmax_rollout(checkpoint):
     results = client.chat([client_lib.ChatRequest(key=f"k{i}", messages=tuple(c),
                                                   max_tokens=12)
                            for i, c in enumerate(convs)])
+    stats = client.stats()
+  # Counted as a server's usage would be: one "sent" per request, the tokens spent.
+  assert stats["requests"] == stats["sent"] == 3 and stats["failed"] == 0
+  assert stats["prompt_tokens"] == sum(r.prompt_tokens for r in results) > 0
+  assert stats["completion_tokens"] == sum(r.completion_tokens for r in results) > 0
   fmt = tok_lib.ChatFormatter(tok)
   for conv, res in zip(convs, results):
     assert res.ok, res.error
