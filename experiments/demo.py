@@ -1,7 +1,7 @@
 r"""The whole RLHI pipeline on the bundled sample, offline, on CPU, with a real model.
 
   python -m experiments.demo --workdir /tmp/rlhi_demo                # ~26 min, 2 cores
-  python -m experiments.demo --workdir /tmp/rlhi_demo --quick        # ~10 min
+  python -m experiments.demo --workdir /tmp/rlhi_demo --quick        # 10-15 min
   python -m experiments.demo --workdir /tmp/rlhi_demo --model tiny   # random 5M model
 
 --model smollm2 (default): SmolLM2-135M-Instruct, from the GGUF file that
