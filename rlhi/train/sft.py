@@ -65,7 +65,8 @@ def _rewrite_examples(cfg, fmt, splits):
 
 
 def run(cfg, workdir: str) -> None:
-  """SFT of `cfg.model` on the training users' conversations; see configs/sft.py.
+  """SFT of `cfg.model` on the training users' conversations or chosen rewrites
+  (cfg.data.source); see configs/sft.py.
   Call `sharding.initialize_distributed()` first."""
   # ---- Tokenizer and data ------------------------------------------------------------
   tokenizer = tok_lib.load_tokenizer(builder.tokenizer_name(cfg))
