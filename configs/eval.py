@@ -21,8 +21,21 @@ Only the reward model's accuracy:
   python -m experiments.evaluate --config configs/eval.py:rm_only,rm=/tmp/rlhi_demo/reward/reward_model \
       --workdir /tmp/rlhi_demo/eval_rm --config.data.dir=/tmp/rlhi_demo/data
 
+On simulated users (experiments/simulate.py, docs/sim.md), with their true rewards as
+the judge:
+
+  python -m experiments.evaluate \
+      --config configs/eval.py:judge=ground_truth,ckpt=/tmp/rlhi_sim/dpo/hf \
+      --workdir /tmp/rlhi_sim/eval --config.data.dir=/tmp/rlhi_sim/data \
+      --config.judge.ground_truth.users=/tmp/rlhi_sim/data/sim_users.jsonl
+
 Variants (after the colon, comma-separated):
-  judge=llm|reward_model   the judge (default llm).
+  judge=llm|reward_model|ground_truth
+                           the judge (default llm). ground_truth: the simulated users'
+                           true rewards (rlhi/sim experiments only; it judges 'overall'
+                           only); set --config.judge.ground_truth.users to the users
+                           file experiments/simulate.py wrote
+                           (<workdir>/data/sim_users.jsonl).
   a=KIND, b=KIND           system kinds: original | checkpoint | answers (default a =
                            original, b = checkpoint).
   ckpt=DIR                 the HF checkpoint of every `checkpoint` system.
@@ -54,9 +67,9 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, judge="llm", a="original", b="checkpoint", ckpt="",
                          rm="", no_persona=False, max_items=0, rm_only=False,
                          quick=False)
-  if arg.judge not in ("llm", "reward_model"):
-    raise ValueError(f"config arg 'judge': expected llm or reward_model, got "
-                     f"'{arg.judge}'")
+  if arg.judge not in ("llm", "reward_model", "ground_truth"):
+    raise ValueError(f"config arg 'judge': expected llm or reward_model (or "
+                     f"ground_truth, for simulated users), got '{arg.judge}'")
   config = ml_collections.ConfigDict()
   config.seed = 0  # the bootstrap's seed
   config.data = ml_collections.ConfigDict(dict(
@@ -124,6 +137,12 @@ def get_config(arg=None):
           max_length=2048,
           max_response_length=1024,
           bucket_lengths=(512, 1024, 2048),
+      )),
+      # The simulated users' true rewards (rlhi/sim experiments only).
+      ground_truth=ml_collections.ConfigDict(dict(
+          # the simulated users file: experiments/simulate.py writes
+          # <workdir>/data/sim_users.jsonl
+          users="",
       )),
   ))
   config.n_boot = 200 if arg.quick else 1000

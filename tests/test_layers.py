@@ -1,8 +1,9 @@
 """Imports run one way: data -> models -> train -> eval -> the top (docs: ARCHITECTURE.md).
 
 Two checks:
-  - the data package (every module of rlhi/data, client backends built) never imports
-    jax, flax, optax or orbax, nor a module of a higher layer, in a fresh interpreter;
+  - the data layer's packages (every module of rlhi/data and rlhi/sim, client backends
+    built) never import jax, flax, optax or orbax, nor a module of a higher layer, in a
+    fresh interpreter;
   - an AST scan of every .py file under rlhi/ (imports inside functions included: a
     lazy import is still an import) finds no module importing a higher layer than its own.
 
@@ -14,6 +15,8 @@ Where each module of rlhi/ sits (LAYER_OF_PACKAGE, LAYER_OF_MODULE, SHARED below
                                                       cli.py, which imports rlhi.data
                                                       (pipeline's and files' errors)
     data    rlhi/data/**                              jax-free data preparation
+            rlhi/sim/**                               simulated users and their logs;
+                                                      jax-free
     models  rlhi/models/**                            model families, io, scorer
             rlhi/inputs/**                            tokenized batches; imports data only
                                                       (jax lazily); models/scorer uses it
@@ -59,6 +62,7 @@ SHARED = {
 }
 LAYER_OF_PACKAGE = {
     "rlhi.data": "data",
+    "rlhi.sim": "data",
     "rlhi.models": "models",
     "rlhi.train": "train",
     "rlhi.eval": "eval",
@@ -79,20 +83,25 @@ ABOVE_RLHI = ("experiments", "configs", "tests", "bench")
 
 JAX_SIDE = ("jax", "flax", "optax", "orbax")
 
+# The packages of the data layer: imported, module by module, without jax.
+DATA_PACKAGES = tuple(p for p, layer in LAYER_OF_PACKAGE.items() if layer == "data")
+
 # ----------------------------------------------------------------------------------------
-# The data package in a fresh interpreter.
+# The data layer's packages in a fresh interpreter.
 # ----------------------------------------------------------------------------------------
 
 _DATA_SCRIPT = r"""
 import importlib, json, os, pkgutil, sys, tempfile
 
-import rlhi.data
 modules = []
-def fail(name):
-  raise ImportError(f"walking rlhi.data: cannot import {name}")
-for info in pkgutil.walk_packages(rlhi.data.__path__, "rlhi.data.", onerror=fail):
-  importlib.import_module(info.name)
-  modules.append(info.name)
+for package in %r:
+  def fail(name, package=package):
+    raise ImportError(f"walking {package}: cannot import {name}")
+  top = importlib.import_module(package)
+  modules.append(package)
+  for info in pkgutil.walk_packages(top.__path__, package + ".", onerror=fail):
+    importlib.import_module(info.name)
+    modules.append(info.name)
 # The modules below every layer that the data package uses.
 import rlhi.fileio, rlhi.reports, rlhi.workdir_lock
 
@@ -116,7 +125,7 @@ print(json.dumps({
     "jax_side": sorted(m for m in %r if m in sys.modules),
     "rlhi": sorted(m for m in sys.modules if m.startswith("rlhi")),
 }))
-""" % (JAX_SIDE,)
+""" % (DATA_PACKAGES, JAX_SIDE)
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +138,17 @@ def data_run():
 
 def test_every_data_module_imports_without_jax(data_run):
   modules = set(data_run["modules"])
-  # The walk found the package's modules, the client subpackage's included.
+  # The walk found the packages' modules, the client subpackage's included.
   assert {"rlhi.data.client", "rlhi.data.client.base", "rlhi.data.client.openai",
           "rlhi.data.client.reference", "rlhi.data.client.factory",
-          "rlhi.data.files", "rlhi.data.pipeline", "rlhi.data.schema"} <= modules
+          "rlhi.data.files", "rlhi.data.pipeline", "rlhi.data.schema",
+          "rlhi.sim", "rlhi.sim.features", "rlhi.sim.users"} <= modules
   assert data_run["jax_side"] == [], (
-      f"importing rlhi.data loaded {data_run['jax_side']}")
+      f"importing {', '.join(DATA_PACKAGES)} loaded {data_run['jax_side']}")
   higher = [m for m in data_run["rlhi"]
-            if m not in SHARED and not m.startswith("rlhi.data")]
-  assert higher == [], f"importing rlhi.data loaded modules of higher layers: {higher}"
+            if m not in SHARED and _layer(m) != "data"]
+  assert higher == [], (f"importing {', '.join(DATA_PACKAGES)} loaded modules of "
+                        f"higher layers: {higher}")
 
 
 def test_every_backend_resolves_without_jax(data_run):

@@ -1,5 +1,5 @@
-"""UserEval judges behind one interface: an LLM through the inference client, or the
-reward model offline.
+"""UserEval judges behind one interface: an LLM through the inference client, the
+reward model offline, or (simulated users only) the ground truth.
 
     judge = judges.make_judge(cfg.judge, workdir=workdir, cache_name=CACHE_FILE,
                               mesh_axes=dict(cfg.mesh))
@@ -12,7 +12,7 @@ judgement record says which *system* won each dimension:
     {"item_id", "turn_type", "order": "ab" | "ba" | "any", "shown_first": "a" | "b" |
      None, "winners": {dimension: "a" | "b" | "tie"} or None, "error": None or the
      reason, ...judge-specific fields: "choices" and "rationale" (llm), "scores"
-     (reward_model)}
+     (reward_model, ground_truth)}
 
 `make_judge` builds the judge that config.judge.kind names from the table `JUDGES`
 (kind -> factory of (config.judge, workdir, mesh axes, cache name)); a new judge is
@@ -31,6 +31,16 @@ higher score wins, equal scores tie. It judges 'overall' only. Its scores do not
 depend on the order, so each pair is judged once (order 'any',
 rlhi.eval.stats.ANY_ORDER). Every process scores (the model is sharded over all
 devices).
+
+Ground-truth judge (`GroundTruthJudge`, kind 'ground_truth'): the simulator's truth, for
+rlhi/sim experiments only. Each answer is scored with the true reward of the item's
+simulated user, `SimUser.reward` (w_u . features of the answer, rlhi.sim.users), read
+from the users file experiments/simulate.py writes (<workdir>/data/sim_users.jsonl);
+the higher reward wins, equal rewards (within 1e-12) tie. Like the reward model it
+judges 'overall' only, once per pair (order 'any'). An item whose user is not in the
+file is a failure naming the user and the file, never a guess: on data that
+experiments/simulate.py did not make the judge means nothing. No model: only process 0
+judges.
 """
 
 from __future__ import annotations
@@ -41,11 +51,13 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ContextManager, Protocol
 
+from rlhi import fileio
 from rlhi.data import client as client_lib
 from rlhi.data import items as items_lib
 from rlhi.data import pipeline
 from rlhi.data import prompting
 from rlhi.eval import stats
+from rlhi.sim import users as sim_users
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 DIMENSION_DESCRIPTIONS = {
@@ -56,6 +68,7 @@ DIMENSION_DESCRIPTIONS = {
     "overall": "which response this user would prefer overall",
 }
 RM_DIMENSIONS = ("overall",)
+TIE_TOLERANCE = 1e-12  # ground truth: rewards this close tie
 _CHOICES = {"a": "A", "b": "B", "tie": "tie"}
 
 
@@ -132,6 +145,22 @@ def _record(pair: Pair, order: str, **fields: Any) -> dict[str, Any]:
   return {"item_id": pair.item.item_id, "turn_type": pair.item.turn_type,
           "order": order, "shown_first": order[0] if order in stats.ORDERS else None,
           **fields}
+
+
+def score_records(pairs: Sequence[Pair], scores: Sequence[tuple[float, float] | str],
+                  tie: float = 0.0) -> list[dict[str, Any]]:
+  """Records of a judge that scores each answer alone (order 'any'): the higher score
+  wins 'overall', scores within `tie` tie; a string in `scores` is that pair's failure."""
+  out = []
+  for pair, s in zip(pairs, scores):
+    if isinstance(s, str):
+      out.append(_record(pair, stats.ANY_ORDER, scores=None, winners=None, error=s))
+      continue
+    sa, sb = s
+    winner = "tie" if abs(sa - sb) <= tie else "b" if sb > sa else "a"
+    out.append(_record(pair, stats.ANY_ORDER, scores={"a": sa, "b": sb},
+                       winners={"overall": winner}, error=None))
+  return out
 
 
 class Judge(Protocol):
@@ -273,17 +302,59 @@ class RewardModelJudge:
 
   def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
     """One record per pair, order 'any': the scores do not depend on the order."""
-    out = []
-    for pair, scores in zip(pairs, self.score_pairs(pairs)):
-      if isinstance(scores, str):
-        out.append(_record(pair, stats.ANY_ORDER, scores=None, winners=None,
-                           error=scores))
-        continue
-      sa, sb = scores
-      winner = "b" if sb > sa else "a" if sa > sb else "tie"
-      out.append(_record(pair, stats.ANY_ORDER, scores={"a": sa, "b": sb},
-                         winners={"overall": winner}, error=None))
+    return score_records(pairs, self.score_pairs(pairs))
+
+
+class GroundTruthJudge:
+  """The simulated users' true rewards (rlhi.sim) judge: the higher reward wins.
+
+  For rlhi/sim experiments only: the items' users must be simulated users, whose true
+  reward of an answer is `SimUser.reward(answer)`.
+
+  Args:
+    users: the simulated users file (rlhi.sim.users.save_users; experiments/simulate.py
+      writes <workdir>/data/sim_users.jsonl).
+  """
+
+  kind = "ground_truth"
+  dimensions = RM_DIMENSIONS
+  orders = (stats.ANY_ORDER,)
+  collective = False
+  requests = None
+
+  def __init__(self, users: str):
+    if not users:
+      raise ValueError("judge.kind='ground_truth' needs "
+                       "config.judge.ground_truth.users: the simulated users file "
+                       "(experiments/simulate.py writes <workdir>/data/sim_users.jsonl)")
+    if not fileio.exists(users):
+      raise FileNotFoundError(
+          f"config.judge.ground_truth.users: no file {users}; it is the simulated "
+          f"users file experiments/simulate.py writes (<workdir>/data/sim_users.jsonl)")
+    self.path = users
+    self.users = sim_users.load_users(users)
+    self.description = (f"ground truth of the {len(self.users)} simulated users in "
+                        f"{users} (rlhi/sim: each answer's true reward for the item's "
+                        f"user; higher wins, equal ties; it judges only 'overall')")
+
+  def score_answers(self, pairs: Sequence[Pair]) -> list[tuple[float, float] | str]:
+    """(true reward of A's answer, of B's) for the item's user, per pair; or, for an
+    item whose user is not in the file, the reason."""
+    out: list[tuple[float, float] | str] = []
+    for pair in pairs:
+      user = self.users.get(pair.item.user_id)
+      if user is None:
+        out.append(f"unknown user: user {pair.item.user_id!r} of item "
+                   f"{pair.item.item_id} is not in the simulated users file "
+                   f"{self.path} (the ground-truth judge needs data made by "
+                   f"experiments/simulate.py with this users file)")
+      else:
+        out.append((user.reward(pair.answer_a), user.reward(pair.answer_b)))
     return out
+
+  def judge(self, pairs: Sequence[Pair]) -> list[dict[str, Any]]:
+    """One record per pair, order 'any': the rewards do not depend on the order."""
+    return score_records(pairs, self.score_answers(pairs), tie=TIE_TOLERANCE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -313,10 +384,17 @@ def _reward_model_judge(cfg, workdir: str, mesh_axes, cache_name: str
       mesh_axes=mesh_axes)
 
 
+def _ground_truth_judge(cfg, workdir: str, mesh_axes, cache_name: str
+                        ) -> GroundTruthJudge:
+  del workdir, mesh_axes, cache_name  # no model, no requests
+  return GroundTruthJudge(cfg.ground_truth.users)
+
+
 # kind -> (config.judge, workdir, mesh axes, request-cache file name) -> Judge
 JUDGES: dict[str, Callable[..., Judge]] = {
     "llm": _llm_judge,
     "reward_model": _reward_model_judge,
+    "ground_truth": _ground_truth_judge,
 }
 
 
@@ -332,7 +410,8 @@ def make_judge(cfg, *, workdir: str, cache_name: str,
 
   `workdir` holds the LLM judge's request cache `cache_name`; `mesh_axes` is the mesh
   of a judge that runs a model here. Building the reward-model judge loads the model
-  (on every process); the LLM judge opens its client only when it judges.
+  (on every process); the LLM judge opens its client only when it judges; the
+  ground-truth judge reads the simulated users file.
   """
   check_kind(cfg.kind)
   return JUDGES[cfg.kind](cfg, workdir, dict(mesh_axes or {"fsdp": -1}), cache_name)
