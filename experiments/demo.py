@@ -40,9 +40,7 @@ README command as written).
 import dataclasses
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 
@@ -50,6 +48,7 @@ from absl import flags
 from absl import logging
 
 from configs import data_prep
+from experiments import stages
 from rlhi import cli
 from rlhi import workdir_lock
 from rlhi.data import pipeline
@@ -146,23 +145,6 @@ PLANS = {
 }
 
 
-def _run(name: str, cmd: list[str]) -> float:
-  """Runs one stage's command (its progress bar streams through); returns seconds.
-
-  Prints the command as a person would paste it (shell-quoted, from `python`). Library
-  INFO logs (absl, Orbax, JAX's backend probing, transformers' notices) are quiet
-  unless the demo runs with --verbosity (-v) 0 or more: RLHI_QUIET (rlhi/cli.py).
-  """
-  sys.stdout.write(f"\n== {name}: {shlex.join(['python', *cmd[1:]])}\n")
-  sys.stdout.flush()
-  env = dict(os.environ)
-  if not flags.FLAGS["verbosity"].present:
-    env.update(RLHI_QUIET="1", TRANSFORMERS_VERBOSITY="error")
-  t0 = time.perf_counter()
-  subprocess.run(cmd, check=True, env=env)
-  return time.perf_counter() - t0
-
-
 def _train_cmd(plan: Plan, module: str, config: str, workdir: str, data_dir: str,
                steps: int, quick: bool, *extra: str) -> list[str]:
   # Held-out evaluation plan.curve_evals times in a full run (the curves), else only
@@ -223,22 +205,22 @@ def _demo(work: str, plan: Plan, quick: bool) -> None:
   seconds["data"] = time.perf_counter() - t0
 
   # ---- Training ----------------------------------------------------------------------
-  seconds["sft"] = _run("sft", _train_cmd(
+  seconds["sft"] = stages.run("sft", _train_cmd(
       plan, "experiments.train_sft", plan.sft, d("sft"), data_dir, steps["sft"], quick))
   sft = d("sft", "hf")
   # tiny: the reward model and DPO start from the SFT warm start; smollm2: from the
   # instruct model (its named size's default init).
   start = [] if plan.base else [f"--config.model.init={sft}"]
   splits = f"--config.eval_splits={plan.eval_splits[quick]!r}"
-  seconds["reward"] = _run("reward", _train_cmd(
+  seconds["reward"] = stages.run("reward", _train_cmd(
       plan, "experiments.train_reward", f"configs/reward_model.py:{plan.model}",
       d("reward"), data_dir, steps["reward"], quick, *start, splits))
-  seconds["dpo"] = _run("dpo", _train_cmd(
+  seconds["dpo"] = stages.run("dpo", _train_cmd(
       plan, "experiments.train_dpo", f"configs/dpo.py:rewrites{size}", d("dpo"),
       data_dir, steps["dpo"], quick, *start, splits,
       f"--config.reference.mode={plan.reference[quick]}"))
   rm, dpo = d("reward", "reward_model"), d("dpo", "hf")
-  seconds["online"] = _run("online", _train_cmd(
+  seconds["online"] = stages.run("online", _train_cmd(
       plan, "experiments.user_rewards", f"configs/dpo.py:user_rewards{size},rounds=1",
       d("user_rewards"), data_dir, steps["online"], quick, f"--config.model.init={dpo}",
       f"--config.user_rewards.reward_model={rm}",
@@ -259,7 +241,7 @@ def _demo(work: str, plan: Plan, quick: bool) -> None:
     # A is without the persona only where A and B are the same model (the effect of
     # persona-guided inference); otherwise both get it, or neither.
     a_persona = with_persona and a != b
-    _run(f"eval {name}", [
+    stages.run(f"eval {name}", [
         sys.executable, "-m", "experiments.evaluate",
         f"--config=configs/eval.py:judge=reward_model,a=checkpoint,rm={rm}"
         + (f",max_items={items}" if items else "") + (",quick" if quick else ""),
@@ -450,6 +432,27 @@ _MODEL_NOTE = {
 }
 
 
+# The headline rows of the recorded simulated-users run (experiments/simulate.py writes
+# sim_headline.md; docs/sim.md has the whole table).
+RECORDED_SIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                            "docs", "sim_headline.md")
+
+
+def sim_headline(work: str) -> list[str]:
+  """The simulated users' headline rows: from <workdir>/sim when a simulation was run
+  there (python -m experiments.simulate --workdir <workdir>/sim), else the recorded
+  run's (docs/sim.md)."""
+  own = os.path.join(work, "sim", "sim_headline.md")
+  path, where = ((own, "[sim/sim_report.md](sim/sim_report.md)") if os.path.exists(own)
+                 else (RECORDED_SIM, "the recorded run in docs/sim.md"))
+  if not os.path.exists(path):
+    return []
+  return ["## Simulated users with known preferences (ground truth)", "",
+          "The demo's win rates above come from a reward-model judge on 26 real users; "
+          "on simulated users the truth is known. Headline rows of " + where + ":", "",
+          _read(path).strip(), ""]
+
+
 def write_report(work: str, plan: Plan, seconds: dict, quick: bool) -> str:
   sections = ["# RLHI demo report", "",
               f"Bundled sample, model {plan.model}, "
@@ -481,6 +484,7 @@ def write_report(work: str, plan: Plan, seconds: dict, quick: bool) -> str:
   # train_reward's own eval_report.md: the same inputs).
   sections.append(_read(os.path.join(work, f"eval_{plan.comparisons[0][0]}",
                                      "reward_eval_report.md")))
+  sections += sim_headline(work)
   plot_curves(work, os.path.join(work, "curves.png"))
   sections += ["## Training curves", "", "![training curves](curves.png)", ""]
   report = "\n".join(sections)
