@@ -84,7 +84,7 @@ def get_config(arg=None):
   # Training: steps per stage, batch, lengths (data.* fields of the trainers).
   if model == "tiny":
     steps = dict(base=20, reward=150, sft=20, dpo=20, online=8) if not quick else dict(
-        base=4, reward=40, sft=4, dpo=4, online=2)
+        base=4, reward=150, sft=4, dpo=4, online=2)
     lengths = dict(max_length=512, max_response_length=384, bucket_lengths=(512,))
     batch = 8
   else:
@@ -99,6 +99,12 @@ def get_config(arg=None):
   # (tests/test_sim_rm.py). It scores SmolLM2's answers with its own tokenizer.
   config.reward_size = "tiny"
   config.reward_batch_size = 8
+  # The tiny model at half width and depth, from random init, at a higher learning
+  # rate: in 150 steps it learns the persona channel (tests/test_sim_rm.py measures
+  # 69% vs the persona-blind model's 57% on held-out users); '' = the size as named.
+  config.reward_overrides = ("num_layers=2,hidden_size=128,intermediate_size=384,"
+                             "num_heads=2,num_kv_heads=1,head_dim=64")
+  config.reward_lr = 5e-4
   config.reward_lengths = ml_collections.ConfigDict(dict(
       max_length=512, max_response_length=384, bucket_lengths=(512,)))
   config.batch_size = batch

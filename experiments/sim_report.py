@@ -197,7 +197,9 @@ def write(sim, labels: dict[str, str]) -> str:
   for u in users.values():
     clusters[u.cluster] = clusters.get(u.cluster, 0) + 1
   seconds = ", ".join(f"{k} {v:.0f} s" for k, v in sim.seconds.items())
-  headline = headline_rows(rm, pol, labels)
+  headline = headline_rows(rm, pol, labels, caption=(
+      f"Policy {cfg.model}, reward models {cfg.reward_size}; {len(users)} simulated "
+      f"users ({rm['users']['unseen']} held out); {cfg.steps.to_dict()} steps."))
   md = [
       "# Simulated users: RLHI variants against ground truth", "",
       f"Model {cfg.model}; {len(users)} simulated users in {len(clusters)} preference "
@@ -251,11 +253,11 @@ def agreement_lines(work: str, n_boot: int) -> list[str]:
           f"measures one on the same items."]
 
 
-def headline_rows(rm: dict[str, Any], pol: dict[str, Any], labels: dict[str, str]
-                  ) -> list[str]:
-  """The rows the demo report links: RM accuracy on unseen users, and the best policy's
-  mean true reward and win rate over the base policy."""
-  rows = ["| measure | value (95% CI) |", "|---|---|"]
+def headline_rows(rm: dict[str, Any], pol: dict[str, Any], labels: dict[str, str],
+                  caption: str) -> list[str]:
+  """The rows the demo report shows: the reward models' accuracy on unseen users, and
+  a few policies' mean true reward and win rate over the base policy."""
+  rows = [caption, "", "| measure | value (95% CI) |", "|---|---|"]
   for name in ("persona RM", "persona-blind RM", "majority"):
     rows.append(f"| {name}, accuracy on unseen users | "
                 f"{_pct(rm['accuracy'][f'{name}/unseen'])} |")

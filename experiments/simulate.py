@@ -207,7 +207,7 @@ class Sim:
     out = self.d("rm_data")
     os.makedirs(out, exist_ok=True)
     for split in schema.SPLITS:
-      schema.writesim_report.read_jsonl(os.path.join(out, files.PAIRS.format(split=split)),
+      schema.write_jsonl(os.path.join(out, files.PAIRS.format(split=split)),
                          [lp.pair for lp in labelled if lp.pair.split == split])
     with open(os.path.join(out, "sim_pairs.jsonl"), "w", encoding="utf-8") as f:
       for lp in labelled:
@@ -234,14 +234,16 @@ class Sim:
   def train_all(self) -> None:
     m, s = self.cfg.model, self.cfg.steps
     no_eval = "--config.eval_splits=()"
-    # A tiny reward model under the tiny policy starts from its warm start; otherwise
-    # from its size's default (random for tiny, the released weights for smollm2).
-    rm_start = self.start() if self.cfg.reward_size == m else []
+    # The reward models start from their size's default (random for tiny, the released
+    # weights for smollm2), resized by config.reward_overrides.
+    rm_flags = [f"--config.model.overrides={self.cfg.reward_overrides}",
+                f"--config.optimizer.lr={self.cfg.reward_lr}",
+                "--config.eval_splits=('test',)"]
     for name, persona in (("reward", ""), ("reward_blind", ",no_persona")):
       self.stage(name, lambda name=name, persona=persona: self.train(
           name, "experiments.train_reward",
           f"configs/reward_model.py:{self.cfg.reward_size}{persona}", self.d("rm_data"),
-          s.reward, *rm_start, "--config.eval_splits=('test',)", reward=True))
+          s.reward, *rm_flags, reward=True))
     self.stage("sft", lambda: self.train(
         "sft", "experiments.train_sft", f"configs/sft.py:{m},rewrites", self.d("data"),
         s.sft, *self.start()))
@@ -283,7 +285,7 @@ class Sim:
       for line in f:
         r = json.loads(line)
         groups[r["pair_id"]] = r
-    pairs = [p for split in ("val", "test") for p in schema.readsim_report.read_jsonl(
+    pairs = [p for split in ("val", "test") for p in schema.read_jsonl(
         self.d("rm_data", files.PAIRS.format(split=split)), schema.PreferencePair)]
     users = self.users()
     icfg = self.ingest_config()
