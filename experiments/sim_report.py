@@ -199,7 +199,8 @@ def write(sim, labels: dict[str, str]) -> str:
   seconds = ", ".join(f"{k} {v:.0f} s" for k, v in sim.seconds.items())
   headline = headline_rows(rm, pol, labels, caption=(
       f"Policy {cfg.model}, reward models {cfg.reward_size}; {len(users)} simulated "
-      f"users ({rm['users']['unseen']} held out); {cfg.steps.to_dict()} steps."))
+      f"users ({rm['users']['unseen']} held out); steps: "
+      + ", ".join(f"{k} {v}" for k, v in cfg.steps.items()) + "."))
   md = [
       "# Simulated users: RLHI variants against ground truth", "",
       f"Model {cfg.model}; {len(users)} simulated users in {len(clusters)} preference "
