@@ -10,6 +10,7 @@ policy judged by the ground truth (UserEval, ties half), both with 95% intervals
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any, Sequence
@@ -90,8 +91,7 @@ def policy_table(work: str, systems: Sequence[str], labels: dict[str, str],
   items = None
   for system in systems:
     run = os.path.join(work, f"eval_{system}")
-    with open(os.path.join(run, "usereval.json"), encoding="utf-8") as f:
-      report = json.load(f)
+    report = _json(os.path.join(run, "usereval.json"))
     if items is None:
       items = {it["item_id"]: it for it in read_jsonl(os.path.join(run,
                                                                "usereval_items.jsonl"))}
@@ -171,6 +171,11 @@ def plot(work: str, rm: dict[str, Any], policies: dict[str, Any],
   plt.close(fig)
 
 
+def _json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _read(path: str) -> str:
   with open(path, encoding="utf-8") as f:
     return f.read()
@@ -185,17 +190,11 @@ def write(sim, labels: dict[str, str]) -> str:
   rm_lines, rm = rm_table(work, cfg.n_boot)
   pol_lines, pol = policy_table(work, tuple(cfg.systems), labels, users, cfg.n_boot)
   plot(work, rm, pol, labels)
-  logs = json.load(open(os.path.join(work, "logs", "sim_logs_report.json"),
-                        encoding="utf-8"))
-  ingest = json.load(open(os.path.join(work, "data", "ingest_report.json"),
-                          encoding="utf-8"))
-  pairs = {}
-  for d in ("data", "data_scratch"):
-    r = json.load(open(os.path.join(work, d, "rewrites_report.json"), encoding="utf-8"))
-    pairs[d] = r
-  clusters = {}
-  for u in users.values():
-    clusters[u.cluster] = clusters.get(u.cluster, 0) + 1
+  logs = _json(os.path.join(work, "logs", "sim_logs_report.json"))
+  ingest = _json(os.path.join(work, "data", "ingest_report.json"))
+  pairs = {d: _json(os.path.join(work, d, "rewrites_report.json"))
+           for d in ("data", "data_scratch")}
+  clusters = collections.Counter(u.cluster for u in users.values())
   seconds = ", ".join(f"{k} {v:.0f} s" for k, v in sim.seconds.items())
   headline = headline_rows(rm, pol, labels, caption=(
       f"Policy {cfg.model}, reward models {cfg.reward_size}; {len(users)} simulated "
@@ -224,7 +223,7 @@ def write(sim, labels: dict[str, str]) -> str:
       f"Ingest: {ingest['rows_read']} rows, {ingest['kept']} kept, rejected "
       f"{sum(ingest['rejected'].values())} ({ingest['rejected'] or 'none'}).", "",
       *(f"Rewrite pairs ({'from the feedback' if d == 'data' else 'from scratch'}): "
-        f"{json.dumps(pairs[d].get('pairs', pairs[d].get('counts', {})))}; set aside: "
+        f"{pairs[d]['pairs']} of {pairs[d]['actionable_targets']}; set aside: "
         f"{json.dumps(pairs[d].get('rejected', {}))}." for d in pairs), "",
   ]
   md.append(_read(os.path.join(work, "logs", "sim_logs_report.md")))

@@ -175,8 +175,9 @@ class Sim:
     cfg.rewrites.mode = mode
     cfg.rewrites.max_tokens = self.cfg.rewrite_tokens
     # A small model's rewrites quote the feedback or fail the quality filter more
-    # often than a large one's: those are set aside and counted, not fatal.
-    cfg.max_failure_fraction = 1.0
+    # often than a large one's: those are set aside and counted; more than half
+    # failing stops the run (pipeline.StageFailedError).
+    cfg.max_failure_fraction = 0.5
     return cfg
 
   def prep(self) -> None:
@@ -290,10 +291,8 @@ class Sim:
     users = self.users()
     icfg = self.ingest_config()
     train_users = [u for u in users if wildchat.split_of(u.user_id, icfg) == "train"]
-    labelled = [candidates.LabelledPair(p, groups[p.pair_id]["group"], 0.0, 0.0)
-                for p in pairs]
     by_id = {u.user_id: u for u in users}
-    out = {"pairs": [], "counts": {}}
+    out = {"pairs": []}
     rows = [scorer_lib.Row(p.prompt, p.persona, (p.chosen, p.rejected)) for p in pairs]
     scores = {}
     l = self.cfg.reward_lengths
@@ -306,7 +305,7 @@ class Sim:
                              max_response_length=l.max_response_length,
                              bucket_lengths=tuple(l.bucket_lengths))
       scores[name] = sc.score(rows)
-    majority = candidates.majority_labels(labelled, train_users)
+    majority = candidates.majority_labels(pairs, train_users)
     for p, maj, *s in zip(pairs, majority, *scores.values()):
       u = by_id[p.user_id]
       rec = {"pair_id": p.pair_id, "user_id": p.user_id,

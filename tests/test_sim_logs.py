@@ -203,3 +203,17 @@ def test_candidate_labels_are_the_argmax_of_the_true_reward():
     train = {lp.pair.conversation_hash for lp in mine if lp.group == "train"}
     seen = {lp.pair.conversation_hash for lp in mine if lp.group == "seen"}
     assert not train & seen
+
+
+def test_majority_label_is_the_vote_of_the_training_users():
+  users = users_lib.make_users(9, seed=4)
+  train, rest = users[:5], users[5:]
+  pairs = [lp.pair for lp in candidates.labelled_pairs(
+      rest, logs.load_prompts(), lambda u: "test", candidates.PairConfig(
+          prompts_per_user=3))]
+  got = candidates.majority_labels(pairs, train)
+  for p, g in zip(pairs, got):
+    # Counted one user at a time with SimUser.reward (no vector maths).
+    votes = sum(u.reward(p.chosen) >= u.reward(p.rejected) for u in train)
+    assert g == (votes >= 3)
+  assert len(got) == len(pairs) == 4 * 3 * 2

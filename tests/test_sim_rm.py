@@ -70,7 +70,8 @@ def test_persona_reward_model_beats_persona_blind_on_held_out_users(tmp_path):
                        [lp.pair for lp in pairs if lp.pair.split == split])
   test = [lp for lp in pairs if lp.pair.split == "test"]
   train_users = [u for u in users if wildchat.split_of(u.user_id, icfg) == "train"]
-  majority = float(np.mean(candidates.majority_labels(test, train_users)))
+  majority = float(np.mean(candidates.majority_labels(
+      [lp.pair for lp in test], train_users)))
   assert len(test) >= 100 and 0.5 <= majority < 0.8
 
   persona = _train(str(data), str(tmp_path / "persona"), no_persona=False)

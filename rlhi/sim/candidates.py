@@ -184,21 +184,21 @@ def labelled_pairs(users: Sequence[users_lib.SimUser], prompts: Sequence[Prompt]
   return out
 
 
-def majority_labels(pairs: Sequence[LabelledPair],
+def majority_labels(pairs: Sequence[schema.PreferencePair],
                     train_users: Sequence[users_lib.SimUser]) -> list[bool]:
   """Per pair: would the majority of the *training* users choose its chosen answer?
 
   The best any persona-blind judge can do: one verdict per pair of answers, whoever
   asks. Computed from the training users' true rewards (ties: the chosen side).
   """
-  votes_cache: dict[tuple[str, str], float] = {}
+  w = np.array([u.weights for u in train_users])
+  votes: dict[tuple[str, str], bool] = {}
   out = []
-  for lp in pairs:
-    key = (lp.pair.chosen, lp.pair.rejected)
-    if key not in votes_cache:
-      fc = np.array(features_lib.vector(lp.pair.chosen))
-      fr = np.array(features_lib.vector(lp.pair.rejected))
-      w = np.array([u.weights for u in train_users])
-      votes_cache[key] = float(np.mean(w @ (fc - fr) >= 0))
-    out.append(votes_cache[key] >= 0.5)
+  for p in pairs:
+    key = (p.chosen, p.rejected)
+    if key not in votes:
+      diff = (np.array(features_lib.vector(p.chosen)) -
+              np.array(features_lib.vector(p.rejected)))
+      votes[key] = float(np.mean(w @ diff >= 0)) >= 0.5
+    out.append(votes[key])
   return out

@@ -26,6 +26,7 @@ report; nothing else is dropped. Never imports jax.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -39,7 +40,6 @@ from rlhi import fileio
 from rlhi import reports
 from rlhi.data import classify
 from rlhi.data import persona as persona_lib
-from rlhi.data import schema
 from rlhi.data import wildchat
 from rlhi.data.client import ChatRequest
 from rlhi.data.client import InferenceClient
@@ -202,27 +202,18 @@ def simulate(users: Sequence[users_lib.SimUser], prompts: Sequence[Prompt],
   for u in users:
     annotations.append({"key": persona_lib.item_key(u.user_id),
                         "response": json.dumps(u.card)})
-  labels: dict[str, int] = {}
-  for t in truth:
-    labels[t["reaction"]["label"]] = labels.get(t["reaction"]["label"], 0) + 1
+  labels = collections.Counter(t["reaction"]["label"] for t in truth)
   counts = {"users": len(users), "prompts": len(prompts),
             "conversations_asked": len(convs), "conversations": len(rows),
             "dropped": dict(sorted(dropped.items())),
             "follow_up_labels": dict(sorted(labels.items())),
-            "complaints_by_feature": dict(sorted(
-                _count(t["reaction"]["feature"] for t in truth if t["reaction"][
-                    "feature"]).items())),
+            "complaints_by_feature": dict(sorted(collections.Counter(
+                t["reaction"]["feature"] for t in truth
+                if t["reaction"]["feature"]).items())),
             "mean_true_reward_first_answer": float(np.mean(
                 [t["reward_first_answer"] for t in truth])) if truth else None,
             "policy": client.name}
   return SimLogs(rows, annotations, truth, counts)
-
-
-def _count(values) -> dict[str, int]:
-  out: dict[str, int] = {}
-  for v in values:
-    out[v] = out.get(v, 0) + 1
-  return out
 
 
 def write(out_dir: str, logs: SimLogs) -> None:
@@ -244,9 +235,3 @@ def write(out_dir: str, logs: SimLogs) -> None:
         *(f"| {k} | {v} |" for k, v in c["complaints_by_feature"].items()), ""]
   reports.write_report(out_dir, "sim_logs", c, "\n".join(md))
 
-
-def persona_records(users: Sequence[users_lib.SimUser]) -> list[schema.Persona]:
-  """The oracle personas (the users' cards) as pipeline Persona records."""
-  return [schema.Persona(user_id=u.user_id, **{
-      k: tuple(v) if isinstance(v, list) else v for k, v in u.card.items()})
-          for u in users]
