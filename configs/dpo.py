@@ -18,7 +18,9 @@ Variants:
   rewrites             (default) pairs from user-guided rewrites, persona in the prompt
   rewrites_no_persona  the same pairs without the persona (the ablation)
   user_rewards         online rounds: sample, score with the reward model, DPO on best
-                       vs worst (experiments/user_rewards.py); rounds=N
+                       vs worst (experiments/user_rewards.py); rounds=N;
+                       --config.user_rewards.reward=follow_up scores with the
+                       policy's follow-up likelihood instead (the FLR baseline)
   live                 reference log-probs computed every step instead of cached
   a model size         tiny | small | smollm2 | llama3_1b | llama3_8b | llama3_70b | qwen2_7b
   steps=N
@@ -78,6 +80,15 @@ def get_config(arg=None):
   # exceeds `margin_threshold`, and run `total_steps` DPO steps on those pairs.
   config.user_rewards = dict(
       rounds=arg.rounds or 2,
+      # model: the reward model below; follow_up: the FLR baseline, the policy's own
+      # log-likelihood of the positive vs the paired negative follow-ups after an
+      # answer (rlhi/train/follow_up.py; reward_model unused).
+      reward="model",
+      follow_ups=dict(
+          positive=("Thanks, that's exactly what I needed.",
+                    "Perfect, that works for me."),
+          negative=("That's not what I asked for.",
+                    "This doesn't work for me, try again.")),
       reward_model="",  # a reward_io dir: <train_reward workdir>/reward_model
       # The reward model sees the persona; False: user-agnostic rewards (the paper's
       # baseline).

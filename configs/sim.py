@@ -9,7 +9,8 @@ classify and the oracle persona from the simulator's annotations, rewrites by th
 policy from the users' feedback, and rewrites from scratch) -> pairs (users label
 candidate answers: the reward models' data) -> training (persona and persona-blind
 reward models; SFT on rewrites; DPO on rewrites with and without persona, and on
-rewrites from scratch; User-Based Rewards with the persona RM and user-agnostic) ->
+rewrites from scratch; User-Based Rewards with the persona RM and user-agnostic, and
+with the policy's follow-up likelihood as the reward, FLR) ->
 rm_eval, eval (UserEval with the ground-truth judge) -> sim_report.md + PNGs.
 
 Variants (after the colon, comma-separated):
@@ -119,6 +120,6 @@ def get_config(arg=None):
       max_items=16 if quick else 40, new_tokens=32 if quick else 128,
       temperature=0.7 if model == "tiny" else 0.0))
   config.systems = ("base_persona", "sft", "dpo", "dpo_no_persona", "dpo_scratch",
-                    "ubr", "ubr_agnostic")
+                    "ubr", "ubr_agnostic", "flr")
   config.n_boot = 200 if quick else 1000
   return config

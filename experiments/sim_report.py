@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from configs import dpo as dpo_config
 from rlhi.eval import stats
 from rlhi.sim import users as users_lib
 
@@ -212,8 +213,7 @@ def write(sim, labels: dict[str, str]) -> str:
       "## Policies (held-out users' target turns, judged by the true rewards)", "",
       *pol_lines, "",
       *agreement_lines(work, cfg.n_boot), "",
-      "Not run: the FLR-style baseline (reward = the policy's likelihood of a positive "
-      "vs a negative follow-up) is not implemented yet.", "",
+      *flr_lines(cfg), "",
       "![policies](sim_policies.png)", "",
       "## Data", "",
       f"Logs: {logs['conversations']} conversations of {logs['conversations_asked']} "
@@ -238,6 +238,18 @@ def write(sim, labels: dict[str, str]) -> str:
   with open(os.path.join(work, "sim_headline.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(headline) + "\n")
   return path
+
+
+def flr_lines(cfg) -> list[str]:
+  """What the FLR row is (or that it was not run)."""
+  if "flr" not in cfg.systems:
+    return ["Not run: the FLR-style baseline (reward = the policy's likelihood of a "
+            "positive vs a negative follow-up): 'flr' is not in config.systems."]
+  f = dpo_config.get_config("user_rewards").user_rewards.follow_ups
+  return [f"FLR-style baseline: one round as User-Based Rewards, but each answer's "
+          f"reward is the base policy's log-likelihood of a positive minus a negative "
+          f"user follow-up after it (rlhi/train/follow_up.py; positive "
+          f"{list(f.positive)}, negative {list(f.negative)}; no reward model)."]
 
 
 def agreement_lines(work: str, n_boot: int) -> list[str]:

@@ -5,8 +5,9 @@ r"""Simulated users with known preferences: every RLHI variant measured against 
 
 Stages (configs/sim.py; docs/sim.md), each resumable: a stage that finished left
 `<workdir>/done/<stage>.json` and is skipped when the command is run again with the
-same config (a different config is refused: use another --workdir); a trainer resumes
-from its last checkpoint.
+same config (a different config is refused: use another --workdir; only
+`systems` and `n_boot` may change, e.g. to add a system to a finished run); a trainer
+resumes from its last checkpoint.
 
   users     simulated users (rlhi/sim/users.py)                  data/sim_users.jsonl
   base      tiny only: SFT warm start on the bundled sample       base/hf
@@ -22,6 +23,8 @@ from its last checkpoint.
   sft, dpo, dpo_no_persona, dpo_scratch   on the rewrite pairs     sft/, dpo*/
   ubr, ubr_agnostic   one round of User-Based Rewards from the
             base policy, persona RM vs the same RM without persona  ubr*/
+  flr       the same round rewarded by the policy's likelihood of a
+            positive vs a negative follow-up (no reward model)    flr/
   rm_eval   both reward models on held-out pairs vs ground truth   rm_eval.json
   eval      UserEval of each system vs the base policy, judged by
             the users' true rewards (judge=ground_truth)           eval_<system>/
@@ -67,6 +70,7 @@ SYSTEMS = {
     "dpo_scratch": ("DPO on rewrites from scratch, persona", "dpo_scratch", True),
     "ubr": ("User-Based Rewards, persona RM", "ubr", True),
     "ubr_agnostic": ("User-Based Rewards, RM without persona", "ubr_agnostic", True),
+    "flr": ("follow-up likelihood rewards (FLR)", "flr", True),
 }
 
 
@@ -255,12 +259,16 @@ class Sim:
           s.dpo, *self.start(), no_eval, f"--config.data.with_persona={persona}",
           "--config.reference.mode=live"))
     o = self.cfg.online
-    for name, persona in (("ubr", True), ("ubr_agnostic", False)):
-      self.stage(name, lambda name=name, persona=persona: self.train(
+    rm = f"--config.user_rewards.reward_model={self.d('reward', 'reward_model')}"
+    for name, persona, reward in (("ubr", True, rm), ("ubr_agnostic", False, rm),
+                                  ("flr", True, "--config.user_rewards.reward="
+                                                "follow_up")):
+      if name not in self.cfg.systems:
+        continue
+      self.stage(name, lambda name=name, persona=persona, reward=reward: self.train(
           name, "experiments.user_rewards", f"configs/dpo.py:user_rewards,{m},rounds=1",
-          self.d("data"), s.online, *self.start(), no_eval,
-          f"--config.user_rewards.reward_model={self.d('reward', 'reward_model')}",
-          # The policy sees the persona in both; only the rewards differ.
+          self.d("data"), s.online, *self.start(), no_eval, reward,
+          # The policy sees the persona in all three; only the rewards differ.
           f"--config.user_rewards.with_persona={persona}",
           f"--config.user_rewards.prompts_per_round={o.prompts_per_round}",
           f"--config.user_rewards.num_samples={o.samples}",
@@ -271,7 +279,7 @@ class Sim:
   def checkpoint(self, stage: str) -> str:
     if stage == "base":
       return self.base
-    if stage in ("ubr", "ubr_agnostic"):
+    if stage in ("ubr", "ubr_agnostic", "flr"):
       with open(self.d(stage, "round_00", "round.json"), encoding="utf-8") as f:
         return json.load(f)["policy_after"]
     return self.d(stage, "hf")
@@ -384,6 +392,13 @@ class Sim:
         "failed": sum(isinstance(s, str) for s in scores)})
 
 
+REPORT_ONLY = ("systems", "n_boot")  # config fields a finished run may change
+
+
+def _without(config: dict[str, Any], keys) -> dict[str, Any]:
+  return {k: v for k, v in config.items() if k not in keys}
+
+
 def main(argv):
   del argv
   cfg, work = _CONFIG.value, _WORKDIR.value
@@ -393,10 +408,18 @@ def main(argv):
     current = json.loads(cfg.to_json())
     if os.path.exists(config_path):
       with open(config_path, encoding="utf-8") as f:
-        if json.load(f) != current:
-          raise ValueError(f"{work} holds a simulation with another config "
-                           f"({config_path}); use another --workdir, or delete it")
-    else:
+        saved = json.load(f)
+      # Systems and the report's resampling may change: each system's stages are its
+      # own, so systems added to a finished run are trained and evaluated on the same
+      # data, and the judge's agreement is measured again over the new set.
+      if _without(saved, REPORT_ONLY) != _without(current, REPORT_ONLY):
+        raise ValueError(f"{work} holds a simulation with another config "
+                         f"({config_path}); use another --workdir, or delete it")
+      if saved["systems"] != current["systems"]:
+        marker = os.path.join(work, "done", "judge_agreement.json")
+        if os.path.exists(marker):
+          os.remove(marker)
+    if not os.path.exists(config_path) or saved != current:
       reports.write_json(config_path, current)
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)

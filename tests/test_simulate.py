@@ -90,8 +90,14 @@ def test_rerun_resumes_and_another_config_is_refused(sim_run):
   r = _simulate(sim_run)
   assert r.returncode == 0, r.stderr[-3000:]
   for stage in ("users", "base", "logs", "prep", "pairs", "reward", "dpo", "ubr",
-                "rm_eval", "eval_dpo"):
+                "flr", "rm_eval", "eval_dpo", "eval_flr"):
     assert f"== {stage}: done earlier, skipped" in r.stdout
+  # Systems may change in a finished run: here fewer, and the judge's agreement is
+  # measured again over them.
+  r = _simulate(sim_run, "--config.systems=('dpo', 'flr')")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "== eval_dpo: done earlier, skipped" in r.stdout
+  assert "== judge_agreement: done earlier" not in r.stdout
   r = _simulate(sim_run, "--config.users.n=13")
   assert r.returncode != 0
   assert "another config" in r.stderr

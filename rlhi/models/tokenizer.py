@@ -190,6 +190,35 @@ class ChatFormatter:
       raise ValueError("chat template: no end-of-turn token after the completion")
     return Encoded(prompt, rest[:rest.index(self.eot_id) + 1])
 
+  def encode_follow_ups(self, messages: Sequence[dict[str, str]], answer: str,
+                        follow_ups: Sequence[str], persona: str | None = None
+                        ) -> tuple[list[int], list[list[int]]]:
+    """Shared prefix and one continuation per user follow-up to `answer`.
+
+    The conversation `messages` + the assistant's `answer` + a user turn `follow_ups[i]`
+    is rendered whole; the prefix is what all renderings share (at least the
+    conversation through the answer's end-of-turn, and the user header), each
+    continuation the rest of its user turn through its end-of-turn token. Scores of
+    continuations are then comparable: they follow the same tokens.
+    """
+    msgs = self.messages(messages, persona) + [{"role": "assistant", "content": answer}]
+    through = self._ids(msgs, add_generation_prompt=False)
+    fulls = [self._ids(msgs + [{"role": "user", "content": f}],
+                       add_generation_prompt=False) for f in follow_ups]
+    if not fulls or any(f[:len(through)] != through for f in fulls):
+      raise ValueError("chat template: a follow-up's tokens do not extend the "
+                       "conversation's; the follow-up cannot be scored in token space")
+    n = len(through)
+    while all(len(f) > n + 1 and f[n] == fulls[0][n] for f in fulls):
+      n += 1
+    rests = []
+    for f in fulls:
+      rest = f[n:]
+      if self.eot_id not in rest:
+        raise ValueError("chat template: no end-of-turn token after a user follow-up")
+      rests.append(rest[:rest.index(self.eot_id) + 1])
+    return fulls[0][:n], rests
+
   def decode(self, ids: Sequence[int]) -> str:
     return self.tok.decode(list(ids), skip_special_tokens=True)
 

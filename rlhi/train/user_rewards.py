@@ -7,7 +7,10 @@ Each round (configs/dpo.py:user_rewards, section `user_rewards`):
   2. sample `num_samples` answers per prompt from the current policy (temperature,
      top-p from the config), persona in the system slot when data.with_persona;
   3. score every answer with the reward model (rlhi.models.scorer), which sees the
-     persona (with_persona=False: the user-agnostic baseline);
+     persona (with_persona=False: the user-agnostic baseline); or, with
+     reward='follow_up', by the policy's own likelihood of a positive vs a negative
+     user follow-up after the answer (rlhi/train/follow_up.py: the FLR baseline, no
+     reward model);
   4. best vs worst answer as a pair when their score gap exceeds `margin_threshold`;
   5. DPO (rlhi/train/dpo.py) on those pairs for `total_steps` steps from the current
      policy; the reference is the initial policy or the previous round's
@@ -39,8 +42,12 @@ from rlhi.data import schema
 from rlhi.generate import ChatGenerator
 from rlhi.models import scorer as scorer_lib
 from rlhi.train import dpo
+from rlhi.train import follow_up
 
 PAIRS = "pairs.{split}.jsonl"
+REWARDS = ("model", "follow_up")
+# Tokens beyond data.max_length for two follow-ups after an answer (reward=follow_up).
+FOLLOW_UP_ROOM = 128
 
 
 def _round_dir(workdir: str, r: int) -> str:
@@ -78,17 +85,25 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
   outs = gen.generate([m for _, m in prompts for _ in range(n)],
                       max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
                       top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
-  del gen  # free the policy before the reward model loads
   t1 = time.perf_counter()
-  scorer = scorer_lib.Scorer(
-      ur.reward_model, tokenizer=model_tokenizer(cfg, ur.reward_model),
-      with_persona=ur.with_persona, batch_size=cfg.batch_size,
-      max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length,
-      bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh),
-      settings="config.data")
+  if ur.reward == "follow_up":  # the policy itself scores: no second model
+    scorer = follow_up.FollowUpScorer.from_generator(
+        gen, positive=tuple(ur.follow_ups.positive),
+        negative=tuple(ur.follow_ups.negative), with_persona=ur.with_persona,
+        batch_size=cfg.batch_size, max_length=cfg.data.max_length + FOLLOW_UP_ROOM,
+        bucket_lengths=cfg.data.bucket_lengths, settings="config.data")
+  else:
+    gen = None  # free the policy before the reward model loads
+    scorer = scorer_lib.Scorer(
+        ur.reward_model, tokenizer=model_tokenizer(cfg, ur.reward_model),
+        with_persona=ur.with_persona, batch_size=cfg.batch_size,
+        max_length=cfg.data.max_length,
+        max_response_length=cfg.data.max_response_length,
+        bucket_lengths=cfg.data.bucket_lengths, mesh_axes=dict(cfg.mesh),
+        settings="config.data")
   scores = score_candidates(scorer, [item for item, _ in prompts],
                             [o.text for o in outs], n)
-  del scorer
+  del scorer, gen
   t2 = time.perf_counter()
 
   pairs, records, skipped = [], [], {"below_threshold": 0, "identical": 0,
@@ -193,7 +208,10 @@ def run(cfg, workdir: str) -> list[dict[str, Any]]:
   if ur.reference not in ("initial", "previous"):
     raise ValueError(f"config.user_rewards.reference={ur.reference!r}; expected "
                      f"'initial' or 'previous'")
-  if not ur.reward_model:
+  if ur.reward not in REWARDS:
+    raise ValueError(f"config.user_rewards.reward={ur.reward!r}; expected one of "
+                     f"{REWARDS}")
+  if ur.reward == "model" and not ur.reward_model:
     raise ValueError("config.user_rewards.reward_model is empty: set it to a "
                      "reward-model directory (e.g. <train_reward workdir>/reward_model)")
   if ur.num_samples < 2:
@@ -259,14 +277,17 @@ def write_report(workdir: str, cfg, rounds: list[dict[str, Any]]) -> None:
                 f"{s['score_mean']:.3f} | {s['spread_mean']:.3f} | "
                 f"{s['pair_gap_mean']:.3f} | {f('train/loss')} | "
                 f"{f('train/rewards/accuracies')} | {f('train/rewards/margins')} |")
+  source = (f"reward model {ur.reward_model}" if ur.reward == "model" else
+            "the policy's follow-up likelihood (positive: "
+            f"{list(ur.follow_ups.positive)}; negative: {list(ur.follow_ups.negative)})")
   md = "\n".join([
       "# User-Based Rewards", "",
-      f"Start: {cfg.model.init}; reward model: {ur.reward_model} "
+      f"Start: {cfg.model.init}; rewards: {source} "
       f"({'persona-aware' if ur.with_persona else 'user-agnostic: no persona'}); "
       f"{ur.num_samples} samples per prompt (temperature {ur.temperature}, top-p "
       f"{ur.top_p}); pairs when best - worst > {ur.margin_threshold}; reference: "
       f"{ur.reference} policy; {cfg.total_steps} DPO steps per round.", "",
-      "Score columns are the reward model's scores of the sampled answers (mean, mean "
+      "Score columns are the rewards of the sampled answers (mean, mean "
       "best-worst spread per prompt, mean gap of the kept pairs); DPO columns are the "
       "last logged training step of the round.", "",
       "| round | prompts | samples | pairs | score mean | spread | pair gap | DPO loss | "
