@@ -43,30 +43,33 @@ def _pct(m: tuple[float, float, float]) -> str:
 
 def rm_table(work: str, n_boot: int) -> tuple[list[str], dict[str, Any]]:
   with open(os.path.join(work, "rm_eval.json"), encoding="utf-8") as f:
-    pairs = json.load(f)["pairs"]
+    every = json.load(f)["pairs"]
+  # Every row on the same pairs: those both reward models could score (a pair longer
+  # than their max_length is counted below and left out of all four rows).
+  pairs = [p for p in every if all(p[k] is not None for k in RM_ROWS[:2])]
+  failed = len(every) - len(pairs)
   out = {}
   lines = ["| judge | seen users | unseen users | what it is |", "|---|---|---|---|"]
   for name in RM_ROWS:
     cells = []
     for group in ("seen", "unseen"):
-      v = [p[name] for p in pairs if p["group"] == group and p[name] is not None]
+      v = [p[name] for p in pairs if p["group"] == group]
       out[name, group] = _ci(v, n_boot)
       cells.append(_pct(out[name, group]))
     lines.append(f"| {name} | {cells[0]} | {cells[1]} | {RM_NOTES[name]} |")
   n = {g: sum(p["group"] == g for p in pairs) for g in ("seen", "unseen")}
   users = {g: len({p["user_id"] for p in pairs if p["group"] == g})
            for g in ("seen", "unseen")}
-  failed = sum(p[k] is None for p in pairs for k in RM_ROWS[:2])
   # The persona's effect on the same pairs: a paired bootstrap of the difference.
   gaps = {}
   for group in ("seen", "unseen"):
     d = [float(p["persona RM"]) - float(p["persona-blind RM"]) for p in pairs
-         if p["group"] == group and p["persona RM"] is not None and
-         p["persona-blind RM"] is not None]
+         if p["group"] == group]
     gaps[group] = _ci(d, n_boot, seed=1)
   lines += ["", f"Pairs: {n['seen']} from {users['seen']} seen users, {n['unseen']} "
-            f"from {users['unseen']} unseen users; pair scorings that failed (a pair "
-            f"longer than the reward model's max_length): {failed}.", ""]
+            f"from {users['unseen']} unseen users, in every row; left out: {failed} "
+            f"pairs that a reward model could not score (longer than its max_length).",
+            ""]
   for group in ("seen", "unseen"):
     m, lo, hi = gaps[group]
     inside = "inside" if lo <= 0 <= hi else "outside"

@@ -124,7 +124,7 @@ class Sim:
     cfg = ml_collections.ConfigDict(dict(which))
     if not cfg.backend:
       cfg.backend, cfg.checkpoint = "local", self.base
-      cfg.local_batch_size = 8
+      cfg.local_batch_size = self.cfg.local_batch_size
     return cfg
 
   # ---- stages ----------------------------------------------------------------------
@@ -346,6 +346,7 @@ class Sim:
           f"--config.systems.b.with_persona={persona}",
           f"--config.systems.a.name={b_label}", f"--config.systems.b.name={label}",
           f"--config.generation.max_new_tokens={e.new_tokens}",
+          f"--config.generation.batch_size={e.batch_size}",
           f"--config.generation.temperature={e.temperature}",
           "--config.generation.top_p=0.9", f"--config.n_boot={self.cfg.n_boot}",
           f"--config.reuse_answers_from={tuple(done)!r}",
