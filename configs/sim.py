@@ -77,7 +77,7 @@ def get_config(arg=None):
   config.rewrite_tokens = 48 if quick else 192
   # Rows per generation batch of the base policy through the local backend (logs,
   # rewrites, persona=inferred): on 2 CPU cores SmolLM2 generates ~120 tokens/s at 16
-  # rows and ~150 at 64, against ~23 for one row.
+  # rows and ~150 at 64 (docs/sim.md).
   config.local_batch_size = 32
 
   # The reward models' data: each user labels pairs of candidate answers
