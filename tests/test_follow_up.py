@@ -39,6 +39,9 @@ def policy(tmp_path_factory):
   return path
 
 
+_logits = jax.jit(llama.forward_logits, static_argnums=1)
+
+
 def _full_text_logp(gen, messages, answer, follow_up_text, persona):
   """log p(the follow-up's user turn | everything before it), from full logits."""
   fmt = gen.fmt
@@ -51,7 +54,7 @@ def _full_text_logp(gen, messages, answer, follow_up_text, persona):
   assert whole[:len(before)] == before
   end = whole.index(fmt.eot_id, len(before)) + 1  # through the follow-up's end-of-turn
   tokens = np.asarray([whole[:end]], np.int32)
-  logits = np.asarray(llama.forward_logits(gen.params, gen.config, tokens), np.float64)
+  logits = np.asarray(_logits(gen.params, gen.config, tokens), np.float64)
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   logp = logits[0, np.arange(end - 1), tokens[0, 1:]] - logz[0, :end - 1]
   return logp[len(before) - 1:].sum()  # targets from the first token after `before`
