@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from configs import dpo as dpo_config
 from rlhi.eval import stats
 from rlhi.sim import users as users_lib
 
@@ -216,7 +215,7 @@ def write(sim, labels: dict[str, str]) -> str:
       "## Policies (held-out users' target turns, judged by the true rewards)", "",
       *pol_lines, "",
       *agreement_lines(work, cfg.n_boot), "",
-      *flr_lines(cfg), "",
+      *flr_lines(work, cfg.systems), "",
       "![policies](sim_policies.png)", "",
       "## Data", "",
       f"Logs: {logs['conversations']} conversations of {logs['conversations_asked']} "
@@ -243,16 +242,16 @@ def write(sim, labels: dict[str, str]) -> str:
   return path
 
 
-def flr_lines(cfg) -> list[str]:
-  """What the FLR row is (or that it was not run)."""
-  if "flr" not in cfg.systems:
+def flr_lines(work: str, systems: Sequence[str]) -> list[str]:
+  """What the FLR row is (the follow-ups its round recorded), or that it was not run."""
+  if "flr" not in systems:
     return ["Not run: the FLR-style baseline (reward = the policy's likelihood of a "
             "positive vs a negative follow-up): 'flr' is not in config.systems."]
-  f = dpo_config.get_config("user_rewards").user_rewards.follow_ups
+  f = _json(os.path.join(work, "flr", "round_00", "round.json"))["reward"]
   return [f"FLR-style baseline: one round as User-Based Rewards, but each answer's "
           f"reward is the base policy's log-likelihood of a positive minus a negative "
           f"user follow-up after it (rlhi/train/follow_up.py; positive "
-          f"{list(f.positive)}, negative {list(f.negative)}; no reward model)."]
+          f"{f['positive']}, negative {f['negative']}; no reward model)."]
 
 
 def agreement_lines(work: str, n_boot: int) -> list[str]:

@@ -130,6 +130,8 @@ def test_a_follow_up_round_scores_with_the_policys_follow_up_likelihood(setup, t
   (stats,) = user_rewards.run(cfg, str(tmp_path / "run"))
   assert stats["prompts"] == 8 and stats["candidates"] == 32
   assert stats["scores_failed"] == 0 and stats["pairs"] >= 1, stats["skipped"]
+  assert stats["reward"]["kind"] == "follow_up"  # recorded: the report names it
+  assert stats["reward"]["positive"] == list(cfg.user_rewards.follow_ups.positive)
   with open(tmp_path / "run" / "round_00" / "prompts_and_candidates.jsonl") as f:
     records = [json.loads(line) for line in f]
   # The rewards are the policy's follow-up likelihoods: recomputed for one prompt.

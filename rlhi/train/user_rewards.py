@@ -136,7 +136,8 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
              for r_ in records if sum(not isinstance(s, str) for s in r_["scores"]) >= 2]
   gaps = [r_["pair"]["chosen"] - r_["pair"]["rejected"] for r_ in records if "pair" in r_]
   stats = {
-      "round": r, "policy": policy, "prompts": len(prompts),
+      "round": r, "policy": policy, "reward": reward_source(cfg),
+      "prompts": len(prompts),
       "prompts_too_long": too_long, "candidates": len(outs), "scores_failed": failed,
       "pairs": len(pairs), "skipped": skipped,
       "score_mean": float(valid.mean()) if valid.size else float("nan"),
@@ -176,6 +177,16 @@ def score_candidates(scorer: scorer_lib.Scorer, prompts: list[items_lib.EvalItem
   for scored in scorer.score(rows):
     flat += [scored, scored] if isinstance(scored, str) else list(scored)
   return [s for k in range(len(prompts)) for s in flat[k * (n + n % 2):][:n]]
+
+
+def reward_source(cfg) -> dict[str, Any]:
+  """What scored the round's answers, as recorded in its statistics."""
+  ur = cfg.user_rewards
+  if ur.reward == "follow_up":
+    return {"kind": "follow_up", "positive": list(ur.follow_ups.positive),
+            "negative": list(ur.follow_ups.negative), "with_persona": ur.with_persona}
+  return {"kind": "model", "reward_model": ur.reward_model,
+          "with_persona": ur.with_persona}
 
 
 def model_tokenizer(cfg, checkpoint: str) -> str:
@@ -277,9 +288,10 @@ def write_report(workdir: str, cfg, rounds: list[dict[str, Any]]) -> None:
                 f"{s['score_mean']:.3f} | {s['spread_mean']:.3f} | "
                 f"{s['pair_gap_mean']:.3f} | {f('train/loss')} | "
                 f"{f('train/rewards/accuracies')} | {f('train/rewards/margins')} |")
-  source = (f"reward model {ur.reward_model}" if ur.reward == "model" else
-            "the policy's follow-up likelihood (positive: "
-            f"{list(ur.follow_ups.positive)}; negative: {list(ur.follow_ups.negative)})")
+  src = reward_source(cfg)
+  source = (f"reward model {src['reward_model']}" if src["kind"] == "model" else
+            f"the policy's follow-up likelihood (positive: {src['positive']}; "
+            f"negative: {src['negative']})")
   md = "\n".join([
       "# User-Based Rewards", "",
       f"Start: {cfg.model.init}; rewards: {source} "
