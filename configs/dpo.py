@@ -99,6 +99,12 @@ def get_config(arg=None):
       max_new_tokens=128 if model in common.CPU_SIZES else 1024,
       margin_threshold=0.1,
       generation_batch_size=32,
+      # Another user_rewards workdir: each round takes its answers from that run's same
+      # round where it sampled with the same policy, prompts and settings
+      # (user_rewards.sampling_key), and samples anew otherwise (logged, and recorded
+      # in sampling.json). Ablations that differ only in the reward (persona RM,
+      # user-agnostic RM, follow_up) then score the same answers, sampled once.
+      samples_from="",
   )
   if arg.user_rewards:
     config.total_steps = arg.steps or 40  # DPO steps per round

@@ -264,6 +264,13 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def on_all_processes(ok: bool) -> bool:
+  """True if `ok` on every process; a collective: all processes must call it."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def global_batch(host_batch: Mapping[str, Any], mesh: Mesh | None = None,
                  rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
   """This host's slice of the batch (numpy, [B/processes, ...]) -> global arrays.

@@ -179,3 +179,47 @@ def test_two_processes_sample_score_and_train_as_one(setup, tmp_path):
   a, b = _hf_params(s1["policy_after"]), _hf_params(s2["policy_after"])
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow  # ~30-60 s on 2 cores (three samplings of 32 answers)
+def test_rounds_share_samples_only_when_they_sampled_alike(setup, tmp_path,
+                                                           monkeypatch):
+  """samples_from: a user-agnostic round scores the persona round's answers without
+  sampling; those are the answers it would have sampled itself; a round with another
+  temperature samples anew and says why."""
+  data, policy, rm = setup
+  cfg = _config(data, policy, rm)
+  first = str(tmp_path / "persona" / "round_00")
+  stats = user_rewards.sample_and_score(cfg, 0, policy, first)
+  assert stats["samples"] == {"from": None, "why_not": None}
+
+  agnostic = _config(data, policy, rm)
+  agnostic.user_rewards.with_persona = False
+  agnostic.user_rewards.samples_from = str(tmp_path / "persona")
+  with monkeypatch.context() as m:
+    m.setattr(user_rewards.ChatGenerator, "generate",
+              lambda *a, **k: pytest.fail("sampled although the samples were shared"))
+    shared = user_rewards.sample_and_score(agnostic, 0, policy,
+                                           str(tmp_path / "agnostic" / "round_00"))
+  assert shared["samples"]["from"] == first
+  a, b = (_records(str(tmp_path / w)) for w in ("persona", "agnostic"))
+  assert [r["candidates"] for r in a] == [r["candidates"] for r in b]
+  assert [r["scores"] for r in a] != [r["scores"] for r in b]  # the RM without persona
+  assert {k: shared[k] for k in ("prompts", "candidates", "completion_tokens",
+                                 "finished_fraction")} == {
+      k: stats[k] for k in ("prompts", "candidates", "completion_tokens",
+                            "finished_fraction")}
+
+  alone = user_rewards.sample_and_score(_config(data, policy, rm), 0, policy,
+                                        str(tmp_path / "alone" / "round_00"))
+  assert alone["sampling_key"] == stats["sampling_key"]
+  assert ([r["candidates"] for r in _records(str(tmp_path / "alone"))]
+          == [r["candidates"] for r in a])  # what sharing assumes
+
+  hotter = _config(data, policy, rm)
+  hotter.user_rewards.temperature = 1.0
+  hotter.user_rewards.samples_from = str(tmp_path / "persona")
+  anew = user_rewards.sample_and_score(hotter, 0, policy,
+                                       str(tmp_path / "hotter" / "round_00"))
+  assert anew["samples"]["from"] is None
+  assert "['temperature']" in anew["samples"]["why_not"]

@@ -49,8 +49,9 @@ from typing import Any
 from absl import logging
 from etils import epath
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
+
+from rlhi import sharding
 
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -94,7 +95,7 @@ class Checkpointer:
             data=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (any unreadable file)
         error = f"{type(e).__name__}: {str(e)[:300]}"
-      if not _on_all_processes(not error):
+      if not sharding.on_all_processes(not error):
         error = error or "unreadable on another process"
         logging.warning("checkpoint %s/%d cannot be restored (%s); trying the previous "
                         "one", self.directory, step, error)
@@ -121,7 +122,7 @@ class Checkpointer:
         dst = move_aside(self.directory, step)
       except Exception as e:  # pylint: disable=broad-except  (reported on every process)
         move_error = f"{type(e).__name__}: {e}"
-    if not _on_all_processes(not move_error):
+    if not sharding.on_all_processes(not move_error):
       raise UnreadableCheckpointError(
           f"checkpoint {self.directory}/{step} cannot be restored ({error}) and could "
           f"not be moved aside ({move_error or 'failed on process 0'}); move or delete "
@@ -157,14 +158,6 @@ def move_aside(directory: str, step: int) -> str:
     dst = base / f"{step}.{n}"
   src.rename(dst)
   return str(dst)
-
-
-def _on_all_processes(ok: bool) -> bool:
-  """True if `ok` on every process; a collective: all processes must call it."""
-  if jax.process_count() == 1:
-    return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

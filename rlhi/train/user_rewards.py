@@ -5,7 +5,9 @@ Each round (configs/dpo.py:user_rewards, section `user_rewards`):
   1. prompts: `prompts_per_round` user turns of training users (persona + context),
      drawn afresh each round (seeded by (seed, round));
   2. sample `num_samples` answers per prompt from the current policy (temperature,
-     top-p from the config), persona in the system slot when data.with_persona;
+     top-p from the config), persona in the system slot when data.with_persona; or
+     take them from another run that sampled the same way (`samples_from`: ablations
+     that differ only in the reward score the same answers, sampled once);
   3. score every answer with the reward model (rlhi.models.scorer), which sees the
      persona (with_persona=False: the user-agnostic baseline); or, with
      reward='follow_up', by the policy's own likelihood of a positive vs a negative
@@ -40,11 +42,15 @@ from rlhi import sharding
 from rlhi.data import items as items_lib
 from rlhi.data import schema
 from rlhi.generate import ChatGenerator
+from rlhi.generate import Generation
 from rlhi.models import scorer as scorer_lib
+from rlhi.models import sources
+from rlhi.models import tokenizer as tok_lib
 from rlhi.train import dpo
 from rlhi.train import follow_up
 
 PAIRS = "pairs.{split}.jsonl"
+CANDIDATES = "prompts_and_candidates.jsonl"
 REWARDS = ("model", "follow_up")
 # Tokens beyond data.max_length for two follow-ups after an answer (reward=follow_up).
 FOLLOW_UP_ROOM = 128
@@ -59,32 +65,99 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
-  """Steps 1-4 of a round: writes the round's pairs; returns its statistics."""
+def sampling_key(cfg, r: int, policy: str) -> dict[str, Any]:
+  """The settings round r's prompts and sampled answers depend on (the policy's weight
+  files by name, size and modification time; the data; the sampling config): two runs
+  on the same machines with the same key draw the same prompts and the same answers
+  (config.user_rewards.samples_from). The mesh is left out: it can change the last
+  bits of a logit, not what the answers are a sample of."""
   ur = cfg.user_rewards
-  item_set = items_lib.load_items(cfg.data.dir, split="train", require_persona=False)
-  t0 = time.perf_counter()
-  rng = np.random.default_rng([cfg.seed, r])
-  order = rng.permutation(len(item_set.items))
-  gen = ChatGenerator(policy, model_tokenizer(cfg, policy),
-                      batch_size=ur.generation_batch_size, mesh_axes=dict(cfg.mesh),
-                      system_template=cfg.data.system_template)
-  # Prompts that leave no room for an answer within data.max_length are set aside.
+  path, weights = sources.weights_stamp(policy)
+  return json.loads(json.dumps({
+      "policy": path, "weights": weights, "tokenizer": model_tokenizer(cfg, policy),
+      "data_dir": sources.absolute(cfg.data.dir), "round": r, "seed": cfg.seed,
+      "with_persona": cfg.data.with_persona,
+      "system_template": cfg.data.system_template, "max_length": cfg.data.max_length,
+      **{k: ur[k] for k in ("prompts_per_round", "num_samples", "max_new_tokens",
+                            "temperature", "top_p", "generation_batch_size")}}))
+
+
+def _select_prompts(cfg, r: int, fmt: tok_lib.ChatFormatter, item_set
+                    ) -> tuple[list[tuple[items_lib.EvalItem, list[dict[str, str]]]], int]:
+  """Round r's prompts (seeded by (seed, r)) and how many were set aside because they
+  leave no room for an answer within data.max_length."""
+  ur = cfg.user_rewards
+  order = np.random.default_rng([cfg.seed, r]).permutation(len(item_set.items))
   prompts, too_long = [], 0
   for i in order:
     item = item_set.items[i]
     persona = item.persona if cfg.data.with_persona else None
-    messages = gen.fmt.messages(item.chat(), persona=persona)
-    if len(gen.fmt.encode(messages).prompt_ids) + ur.max_new_tokens > cfg.data.max_length:
+    messages = fmt.messages(item.chat(), persona=persona)
+    if len(fmt.encode(messages).prompt_ids) + ur.max_new_tokens > cfg.data.max_length:
       too_long += 1
       continue
     prompts.append((item, messages))
     if len(prompts) == ur.prompts_per_round:
       break
+  return prompts, too_long
+
+
+def _shared_samples(source: str, r: int, key: dict[str, Any], item_ids: list[str]
+                    ) -> tuple[list[Generation] | None, str]:
+  """The answers another run (config.user_rewards.samples_from) sampled in round r, if
+  it sampled with the same key and prompts; else (None, why not)."""
+  rdir = _round_dir(source, r)
+  stats_path = os.path.join(rdir, "sampling.json")
+  if not fileio.exists(stats_path):
+    return None, f"{stats_path} does not exist (that round has not sampled yet)"
+  theirs = _read_json(stats_path).get("sampling_key")
+  if theirs != key:
+    differ = sorted(k for k in set(key) | set(theirs or {})
+                    if (theirs or {}).get(k) != key.get(k))
+    return None, f"{stats_path} sampled with other settings: {differ}"
+  with fileio.open(os.path.join(rdir, CANDIDATES)) as f:
+    records = [json.loads(line) for line in f]
+  if [rec["item_id"] for rec in records] != item_ids:
+    return None, f"{os.path.join(rdir, CANDIDATES)} holds other prompts"
+  fields = ("candidates", "prompt_tokens", "completion_tokens", "finished")
+  if any(len(rec.get(f, ())) != key["num_samples"] for rec in records for f in fields):
+    return None, f"{os.path.join(rdir, CANDIDATES)} lacks some of {fields}"
+  return [Generation(text=t, prompt_tokens=p, completion_tokens=c, finished=d)
+          for rec in records for t, p, c, d in zip(*(rec[f] for f in fields))], ""
+
+
+def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
+  """Steps 1-4 of a round: writes the round's pairs; returns its statistics."""
+  ur = cfg.user_rewards
+  item_set = items_lib.load_items(cfg.data.dir, split="train", require_persona=False)
+  t0 = time.perf_counter()
+  key = sampling_key(cfg, r, policy)
+  fmt = tok_lib.ChatFormatter(tok_lib.load_tokenizer(model_tokenizer(cfg, policy)),
+                              cfg.data.system_template)
+  prompts, too_long = _select_prompts(cfg, r, fmt, item_set)
   n = ur.num_samples
-  outs = gen.generate([m for _, m in prompts for _ in range(n)],
-                      max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
-                      top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
+  outs, why_not = None, None
+  if ur.samples_from:
+    outs, why_not = _shared_samples(ur.samples_from, r, key,
+                                    [item.item_id for item, _ in prompts])
+    # Sampling is a collective: every process reuses, or every one samples.
+    if not sharding.on_all_processes(outs is not None) and outs is not None:
+      outs, why_not = None, "another process could not reuse them"
+    if outs is None:
+      logging.warning("user rewards round %d: sampling anew: %s", r, why_not)
+  gen = None
+  if outs is None or ur.reward == "follow_up":  # FLR scores with the policy itself
+    gen = ChatGenerator(policy, model_tokenizer(cfg, policy),
+                        batch_size=ur.generation_batch_size, mesh_axes=dict(cfg.mesh),
+                        system_template=cfg.data.system_template)
+  if outs is None:
+    outs = gen.generate([m for _, m in prompts for _ in range(n)],
+                        max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
+                        top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
+    samples = {"from": None, "why_not": why_not}
+  else:
+    samples = {"from": _round_dir(sources.absolute(ur.samples_from), r),
+               "why_not": None}
   t1 = time.perf_counter()
   if ur.reward == "follow_up":  # the policy itself scores: no second model
     scorer = follow_up.FollowUpScorer.from_generator(
@@ -110,10 +183,15 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
                                      "too_few_scored": 0}
   failed = sum(isinstance(s, str) for s in scores)
   for k, (item, _) in enumerate(prompts):
-    texts = [o.text for o in outs[k * n:(k + 1) * n]]
+    group = outs[k * n:(k + 1) * n]
+    texts = [o.text for o in group]
     got = scores[k * n:(k + 1) * n]
     records.append({"item_id": item.item_id, "user_id": item.user_id,
-                    "candidates": texts, "scores": got})
+                    "candidates": texts, "scores": got,
+                    # What a run reusing these samples (samples_from) needs.
+                    "prompt_tokens": [o.prompt_tokens for o in group],
+                    "completion_tokens": [o.completion_tokens for o in group],
+                    "finished": [o.finished for o in group]})
     ok = [(s, t) for s, t in zip(got, texts) if not isinstance(s, str)]
     if len(ok) < 2:
       skipped["too_few_scored"] += 1
@@ -137,6 +215,7 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
   gaps = [r_["pair"]["chosen"] - r_["pair"]["rejected"] for r_ in records if "pair" in r_]
   stats = {
       "round": r, "policy": policy, "reward": reward_source(cfg),
+      "sampling_key": key, "samples": samples,
       "prompts": len(prompts),
       "prompts_too_long": too_long, "candidates": len(outs), "scores_failed": failed,
       "pairs": len(pairs), "skipped": skipped,
@@ -151,7 +230,7 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
   }
   if sharding.is_main_process():
     fileio.makedirs(rdir)
-    with fileio.open(os.path.join(rdir, "prompts_and_candidates.jsonl"), "w") as f:
+    with fileio.open(os.path.join(rdir, CANDIDATES), "w") as f:
       for rec in records:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     schema.write_jsonl(os.path.join(rdir, PAIRS.format(split="train")), pairs)
