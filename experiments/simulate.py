@@ -25,9 +25,12 @@ resumes from its last checkpoint.
             base policy, persona RM vs the same RM without persona  ubr*/
   flr       the same round rewarded by the policy's likelihood of a
             positive vs a negative follow-up (no reward model)    flr/
+            (the first of the three samples; the others score its
+            answers: user_rewards.samples_from)
   rm_eval   both reward models on held-out pairs vs ground truth   rm_eval.json
   eval      UserEval of each system vs the base policy, judged by
-            the users' true rewards (judge=ground_truth)           eval_<system>/
+            the users' true rewards (judge=ground_truth), in this
+            process (one load of the sampler's compiled code)      eval_<system>/
   report    sim_report.md, sim_rm.png, sim_policies.png
 
 Only evaluation labels and the oracle baselines use the ground truth; rewrites are made
@@ -260,21 +263,27 @@ class Sim:
           "--config.reference.mode=live"))
     o = self.cfg.online
     rm = f"--config.user_rewards.reward_model={self.d('reward', 'reward_model')}"
+    # The three rounds start from the same policy with the same prompts and seed: the
+    # first to run samples, the others score its answers (user_rewards.samples_from).
+    sampled = ""
     for name, persona, reward in (("ubr", True, rm), ("ubr_agnostic", False, rm),
                                   ("flr", True, "--config.user_rewards.reward="
                                                 "follow_up")):
       if name not in self.cfg.systems:
         continue
-      self.stage(name, lambda name=name, persona=persona, reward=reward: self.train(
+      self.stage(name, lambda name=name, persona=persona, reward=reward,
+                 sampled=sampled: self.train(
           name, "experiments.user_rewards", f"configs/dpo.py:user_rewards,{m},rounds=1",
           self.d("data"), s.online, *self.start(), no_eval, reward,
           # The policy sees the persona in all three; only the rewards differ.
+          f"--config.user_rewards.samples_from={sampled}",
           f"--config.user_rewards.with_persona={persona}",
           f"--config.user_rewards.prompts_per_round={o.prompts_per_round}",
           f"--config.user_rewards.num_samples={o.samples}",
           f"--config.user_rewards.max_new_tokens={o.new_tokens}",
           "--config.user_rewards.margin_threshold=0.0",
           "--config.reference.mode=live"))
+      sampled = sampled or self.d(name)
 
   def checkpoint(self, stage: str) -> str:
     if stage == "base":
@@ -326,33 +335,36 @@ class Sim:
     reports.write_json(self.d("rm_eval.json"), out)
 
   def evaluate(self) -> None:
-    e, l = self.cfg.eval, self.cfg.lengths
+    """UserEval of each system vs the base policy, in this process: each run loads one
+    checkpoint (the base policy's answers are generated once and reused) and reuses the
+    compiled sampler of the run before it."""
     done: list[str] = []
     for system in self.cfg.systems:
-      label, stage, persona = SYSTEMS[system]
-      b_label, b_stage, b_persona = SYSTEMS["base"]
       workdir = self.d(f"eval_{system}")
-      self.stage(f"eval_{system}", lambda workdir=workdir, label=label, stage=stage,
-                 persona=persona, b_label=b_label, b_stage=b_stage,
-                 b_persona=b_persona: stages.run(f"eval {system}", [
-          sys.executable, "-m", "experiments.evaluate",
-          "--config=configs/eval.py:judge=ground_truth,a=checkpoint"
-          + f",max_items={e.max_items}",
-          f"--workdir={workdir}", f"--config.data.dir={self.d('data')}",
-          f"--config.judge.ground_truth.users={self.d('data', 'sim_users.jsonl')}",
-          f"--config.systems.a.path={self.checkpoint(b_stage)}",
-          f"--config.systems.b.path={self.checkpoint(stage)}",
-          f"--config.systems.a.with_persona={b_persona}",
-          f"--config.systems.b.with_persona={persona}",
-          f"--config.systems.a.name={b_label}", f"--config.systems.b.name={label}",
-          f"--config.generation.max_new_tokens={e.new_tokens}",
-          f"--config.generation.batch_size={e.batch_size}",
-          f"--config.generation.temperature={e.temperature}",
-          "--config.generation.top_p=0.9", f"--config.n_boot={self.cfg.n_boot}",
-          f"--config.reuse_answers_from={tuple(done)!r}",
-          f"--config.generation.max_prompt_tokens={l.max_length}"]))
+      self.stage(f"eval_{system}", lambda system=system, workdir=workdir,
+                 done=tuple(done): self.usereval(system, workdir, done))
       done.append(workdir)
 
+  def usereval(self, system: str, workdir: str, reuse: tuple[str, ...]) -> None:
+    from rlhi.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    e, l = self.cfg.eval, self.cfg.lengths
+    label, stage, persona = SYSTEMS[system]
+    b_label, b_stage, b_persona = SYSTEMS["base"]
+    stages.run_in_process(
+        f"eval {system}", "experiments.evaluate",
+        f"configs/eval.py:judge=ground_truth,a=checkpoint,max_items={e.max_items}", {
+            "data.dir": self.d("data"),
+            "judge.ground_truth.users": self.d("data", "sim_users.jsonl"),
+            "systems.a.path": self.checkpoint(b_stage),
+            "systems.b.path": self.checkpoint(stage),
+            "systems.a.with_persona": b_persona, "systems.b.with_persona": persona,
+            "systems.a.name": b_label, "systems.b.name": label,
+            "generation.max_new_tokens": e.new_tokens,
+            "generation.batch_size": e.batch_size,
+            "generation.temperature": e.temperature, "generation.top_p": 0.9,
+            "n_boot": self.cfg.n_boot, "reuse_answers_from": reuse,
+            "generation.max_prompt_tokens": l.max_length},
+        workdir, evaluate_lib.run)
 
   def judge_agreement(self) -> None:
     """How often the persona reward model, as UserEval's judge, picks the answer the
@@ -425,6 +437,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
       os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+      os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # stages in-process
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(work, "jax_cache"))
     run(cfg, work)
 

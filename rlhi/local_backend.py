@@ -35,7 +35,8 @@ class LocalClient(client_lib.InferenceClient):
     self.batch_size = batch_size
     self._generator = generate.ChatGenerator(checkpoint, tokenizer,
                                              batch_size=batch_size)
-    self.name = f"local (rlhi sampler, checkpoint {sources.absolute(checkpoint)})"
+    where = sources.absolute(sources.resolve(checkpoint).path)  # a name: its file
+    self.name = f"local (rlhi sampler, checkpoint {where})"
 
   def cache_identity(self) -> dict[str, Any]:
     path, stamp = sources.weights_stamp(self.checkpoint)

@@ -86,6 +86,22 @@ def test_the_logs_came_through_the_pipeline_without_loss(sim_run):
     assert r["pairs"] + sum(r["rejected"].values()) == r["actionable_targets"]
 
 
+def test_the_online_rounds_score_one_sampling(sim_run):
+  """ubr samples; ubr_agnostic and flr score its answers (user_rewards.samples_from)."""
+  def round_file(name, f):
+    path = os.path.join(sim_run, name, "round_00", f)
+    with open(path, encoding="utf-8") as fh:
+      return json.load(fh) if f.endswith(".json") else [json.loads(l) for l in fh]
+  ubr = round_file("ubr", "prompts_and_candidates.jsonl")
+  assert round_file("ubr", "sampling.json")["samples"]["from"] is None
+  for name in ("ubr_agnostic", "flr"):
+    assert round_file(name, "sampling.json")["samples"]["from"] == os.path.join(
+        sim_run, "ubr", "round_00")
+    got = round_file(name, "prompts_and_candidates.jsonl")
+    assert [r["candidates"] for r in got] == [r["candidates"] for r in ubr]
+    assert [r["scores"] for r in got] != [r["scores"] for r in ubr]
+
+
 def test_rerun_resumes_and_another_config_is_refused(sim_run):
   r = _simulate(sim_run)
   assert r.returncode == 0, r.stderr[-3000:]
