@@ -16,7 +16,7 @@ Prompts are tokenized with the checkpoint's chat template, left-padded to a mult
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -64,8 +64,10 @@ class ChatGenerator:
 
   def generate(self, conversations: Sequence[Sequence[Mapping[str, str]]], *,
                max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int = 0) -> list[Generation]:
-    """One reply per conversation (each ends with a user message)."""
+               top_k: int = 0, seed: int = 0, progress: Any = None
+               ) -> list[Generation]:
+    """One reply per conversation (each ends with a user message). `progress`: a tqdm
+    bar (or anything with `update(n)`), advanced by each batch's replies."""
     prompts = [self.fmt.encode(list(c)).prompt_ids for c in conversations]
     out: list[Generation] = []
     key = jax.random.PRNGKey(seed)
@@ -92,6 +94,8 @@ class ChatGenerator:
         out.append(Generation(text=self.fmt.decode(ids).strip(),
                               prompt_tokens=len(prompt), completion_tokens=n,
                               finished=finished))
+      if progress is not None:
+        progress.update(len(chunk))
     return out
 
 

@@ -33,6 +33,7 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import tqdm
 
 from rlhi import fileio
 from rlhi.data import items as items_lib
@@ -268,18 +269,22 @@ class Answerer:
       else:
         ready.append((it, messages))
     chunk = self.gen.batch_size * 4  # appended to disk every `chunk` answers
+    from rlhi import sharding  # pylint: disable=g-import-not-at-top  (jax: lazily)
+    bar = tqdm.tqdm(total=len(ready), desc=f"answers {system.key}", unit="answer",
+                    disable=not ready or not sharding.is_main_process())
     for start in range(0, len(ready), chunk):
       part = ready[start:start + chunk]
       gens = generator.generate(
           [m for _, m in part], max_new_tokens=self.gen.max_new_tokens,
           temperature=self.gen.temperature, top_p=self.gen.top_p,
-          seed=self.gen.seed + start)
+          seed=self.gen.seed + start, progress=bar)
       new = [_record(system, fp, it.item_id, g.text, prompt_tokens=g.prompt_tokens,
                      completion_tokens=g.completion_tokens, finished=g.finished)
              for (it, _), g in zip(part, gens)]
       if append_to:
         self._append(append_to, "".join(schema.dumps(r) + "\n" for r in new))
       out.extend(new)
+    bar.close()
     return out
 
   def _append(self, path: str, text: str) -> None:

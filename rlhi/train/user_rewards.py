@@ -35,6 +35,7 @@ from typing import Any
 from absl import logging
 import jax
 import numpy as np
+import tqdm
 
 from rlhi import fileio
 from rlhi import reports
@@ -151,9 +152,11 @@ def sample_and_score(cfg, r: int, policy: str, rdir: str) -> dict[str, Any]:
                         batch_size=ur.generation_batch_size, mesh_axes=dict(cfg.mesh),
                         system_template=cfg.data.system_template)
   if outs is None:
-    outs = gen.generate([m for _, m in prompts for _ in range(n)],
-                        max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
-                        top_p=ur.top_p, seed=cfg.seed * 1_000 + r)
+    with tqdm.tqdm(total=len(prompts) * n, desc=f"round {r}: samples", unit="answer",
+                   disable=not sharding.is_main_process()) as bar:
+      outs = gen.generate([m for _, m in prompts for _ in range(n)],
+                          max_new_tokens=ur.max_new_tokens, temperature=ur.temperature,
+                          top_p=ur.top_p, seed=cfg.seed * 1_000 + r, progress=bar)
     samples = {"from": None, "why_not": why_not}
   else:
     samples = {"from": _round_dir(sources.absolute(ur.samples_from), r),
