@@ -150,3 +150,21 @@ def test_a_follow_up_round_scores_with_the_policys_follow_up_likelihood(setup, t
   assert os.path.exists(tmp_path / "run" / "user_rewards_report.md")
   with open(tmp_path / "run" / "user_rewards_report.md") as f:
     assert "follow-up likelihood" in f.read()
+
+
+def test_generate_advances_a_progress_bar_per_batch_without_changing_answers(policy):
+  """ChatGenerator.generate(progress=...): one update per batch, of its real rows."""
+  class Counter:
+    def __init__(self):
+      self.updates = []
+
+    def update(self, n):
+      self.updates.append(n)
+
+  gen = ChatGenerator(policy, batch_size=4)
+  chats = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+  bar = Counter()
+  with_bar = gen.generate(chats, max_new_tokens=4, temperature=0.7, seed=3,
+                          progress=bar)
+  assert bar.updates == [4, 2]
+  assert with_bar == gen.generate(chats, max_new_tokens=4, temperature=0.7, seed=3)

@@ -74,6 +74,7 @@ def sampling_key(cfg, r: int, policy: str) -> dict[str, Any]:
   bits of a logit, not what the answers are a sample of."""
   ur = cfg.user_rewards
   path, weights = sources.weights_stamp(policy)
+  # Through JSON: tuples become lists, so the key compares equal to a recorded one.
   return json.loads(json.dumps({
       "policy": path, "weights": weights, "tokenizer": model_tokenizer(cfg, policy),
       "data_dir": sources.absolute(cfg.data.dir), "round": r, "seed": cfg.seed,
